@@ -1,0 +1,259 @@
+"""The `onnx-lowrank` command: parse, run, print, exit code.
+
+Exit codes: 0 success; 1 the result failed a bound the user asked for; 2 bad input or usage
+(one line on stderr, no traceback); 3 an internal error (a bug: `--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from onnx_lowrank import __version__, api
+from onnx_lowrank.config import METHOD_NAMES, load_config, parse_tiles
+from onnx_lowrank.errors import BoundError, InputError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as InputError (exit 2, one line)."""
+
+    def error(self, message):
+        raise InputError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-lowrank", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"onnx-lowrank {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="list the layers of a model with their costs")
+    inspect.add_argument("model")
+    _add_shape_option(inspect)
+    inspect.add_argument("--json", action="store_true", help="print the JSON contract instead of a table")
+
+    compress = commands.add_parser("compress", help="factorize layers and rewrite them into chains")
+    compress.add_argument("model")
+    compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    compress.add_argument("--method", choices=METHOD_NAMES, help="factorization (default tucker2)")
+    ranks = compress.add_mutually_exclusive_group()
+    ranks.add_argument("--rank", type=int, help="keep N components per mode (capped at full rank)")
+    ranks.add_argument("--rank-ratio", type=float, help="keep this fraction of each full rank (default 0.5)")
+    compress.add_argument("--tiles", type=parse_tiles, help="tile grid AxB for tiled-svd (default 2x2)")
+    compress.add_argument("--layers", help="only layers whose name matches this regular expression")
+    compress.add_argument("--skip", help="leave out layers whose name matches this regular expression")
+    _add_shape_option(compress)
+    _add_validation_options(compress)
+    compress.add_argument("--no-validate", dest="validate", action="store_false", default=None,
+                          help="do not run the models in onnxruntime to compare them")
+    compress.add_argument("--seed", type=int, help="seed for random inputs and CP initialisation")
+    compress.add_argument("--config", help="TOML file of settings (flags override it)")
+    compress.add_argument("--json", action="store_true", help="print the report JSON instead of tables")
+
+    validate = commands.add_parser("validate", help="compare a candidate model with the original")
+    validate.add_argument("original")
+    validate.add_argument("candidate")
+    _add_shape_option(validate)
+    _add_validation_options(validate)
+    validate.add_argument("--metric", help="task metric: top1, detection, ctc or module:function")
+    validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _add_shape_option(parser):
+    parser.add_argument("--input-shape", action="append", metavar="NAME:1x3x224x224",
+                        help="pin a dynamic input's shape (repeatable)")
+
+
+def _add_validation_options(parser):
+    parser.add_argument("--calib", help="inputs: an .npz keyed by input name, or a folder of images")
+    parser.add_argument("--calib-count", type=int, help="use at most N inputs (default 16)")
+    parser.add_argument("--provider", choices=("auto", "cuda", "tensorrt", "cpu"),
+                        help="onnxruntime provider (auto: CUDA when it works, else CPU)")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    parser.add_argument("--no-latency", dest="latency", action="store_false", default=None,
+                        help="skip the latency measurement")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `onnx-lowrank` console script; returns the exit code."""
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    errors = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return {"inspect": _inspect, "compress": _compress, "validate": _validate}[args.command](
+            args, console)
+    except InputError as exc:
+        errors.print(f"onnx-lowrank: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except BoundError as exc:
+        errors.print(f"onnx-lowrank: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        errors.print("onnx-lowrank: interrupted", markup=False)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback under --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        errors.print(f"onnx-lowrank: internal error: {type(exc).__name__}: {first} "
+                     "(rerun with --debug for the traceback)", markup=False, highlight=False,
+                     soft_wrap=True)
+        return 3
+
+
+def _inspect(args, console: Console) -> int:
+    workspace = api.inspect(args.model, args.input_shape)
+    layers, totals = workspace.layers, workspace.totals_before
+    if args.json:
+        print(json.dumps({"layers": [layer.to_dict() for layer in layers],
+                          "totals": {"macs": totals["macs"], "params": totals["params"]}}, indent=2))
+        return 0
+    table = Table(title=f"{args.model}: {len(layers)} layers", title_justify="left")
+    for column in ("layer", "op", "weight", "groups", "output", "MACs", "% MACs", "params", "status"):
+        table.add_column(column, justify="right" if column in ("MACs", "% MACs", "params", "groups") else "left")
+    for layer in layers:
+        share = f"{100 * layer.macs / totals['macs']:.1f}" if layer.macs and totals["macs"] else "-"
+        table.add_row(layer.name, layer.op, _dims(layer.weight.shape if layer.weight is not None else None),
+                      str(layer.conv.group) if layer.conv else "", _dims(layer.output_shape),
+                      _count(layer.macs), share, _count(layer.params),
+                      "candidate" if layer.candidate else f"skip: {layer.skip_reason}")
+    console.print(table)
+    candidates = [layer for layer in layers if layer.candidate]
+    covered = sum(layer.macs or 0 for layer in candidates)
+    console.print(f"total: {_count(totals['macs'])} MACs, {_count(totals['params'])} params; "
+                  f"{len(candidates)} candidates hold {_share(covered, totals['macs'])} of the MACs")
+    return 0
+
+
+def _compress(args, console: Console) -> int:
+    overrides = {key: getattr(args, key, None) for key in (
+        "method", "rank", "rank_ratio", "tiles", "layers", "skip", "calib", "calib_count",
+        "provider", "validate", "latency", "threads", "seed")}
+    overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
+    settings = load_config(args.config, overrides)
+    quiet = args.json or not console.is_terminal
+    if quiet:
+        workspace = api.compress(args.model, args.output, settings)
+    else:
+        with _progress(console) as tracker:
+            workspace = api.compress(args.model, args.output, settings, tracker)
+    report = compression_report(workspace, args.model, args.output)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_compression(console, report)
+    return 0
+
+
+def compression_report(workspace, input_path: str, output_path: str) -> dict:
+    """The report contract of design.md for a finished compression."""
+    from onnx_lowrank import __version__ as version
+
+    before, after = workspace.totals_before, workspace.totals_after or workspace.totals_before
+    return {"tool_version": version, "input": str(input_path), "output": str(output_path),
+            "settings": workspace.settings.to_dict(),
+            "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
+                       "params_before": before["params"], "params_after": after["params"]},
+            "layers": [d.to_dict() for d in workspace.decisions.values()],
+            "validation": workspace.validation.to_dict() if workspace.validation is not None else None}
+
+
+def _print_compression(console: Console, report: dict) -> None:
+    table = Table(title=f"{report['input']} -> {report['output']}", title_justify="left")
+    for column in ("layer", "method", "ranks", "MACs before", "MACs after", "weight err", "status"):
+        table.add_column(column, justify="right" if "MACs" in column or "err" in column else "left")
+    for row in report["layers"]:
+        status = row["status"] if row["status"] == "rewritten" else f"{row['status']}: {row['reason']}"
+        error = f"{row['weight_rel_error']:.3f}" if row["weight_rel_error"] is not None else ""
+        table.add_row(row["name"], row["method"] or "", str(row["ranks"] or ""),
+                      _count(row["macs_before"]), _count(row["macs_after"]), error, status)
+    console.print(table)
+    totals = report["totals"]
+    console.print(f"MACs {_count(totals['macs_before'])} -> {_count(totals['macs_after'])} "
+                  f"({_share(totals['macs_after'], totals['macs_before'])}); params "
+                  f"{_count(totals['params_before'])} -> {_count(totals['params_after'])} "
+                  f"({_share(totals['params_after'], totals['params_before'])})")
+    if report["validation"] is not None:
+        _print_validation_summary(console, report["validation"])
+
+
+def _print_validation_summary(console: Console, validation: dict) -> None:
+    parts = [f"provider {validation['provider']}, {validation['inputs']} inputs"]
+    for output in validation["outputs"]:
+        parts.append(f"{output['name']}: cosine {output['cosine']:.6f}, rel L2 {output['rel_l2']:.2e}")
+    if validation.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {validation['top1_agreement']:.4f}")
+    latency = validation.get("latency_ms")
+    if latency:
+        parts.append(f"latency median {latency['before']['median']:.3f} -> "
+                     f"{latency['after']['median']:.3f} ms (x{validation['speedup']:.2f})")
+    console.print("; ".join(parts))
+
+
+def _validate(args, console: Console) -> int:
+    from onnx_lowrank import validate
+
+    result = validate.validate_models(
+        args.original, args.candidate, calib=args.calib,
+        input_shapes=args.input_shape, provider=args.provider or "auto",
+        count=args.calib_count or 16, metric=args.metric,
+        latency=args.latency is not False, threads=args.threads)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(validate.format_table(result))
+    return 0
+
+
+class _progress:
+    """A rich progress bar with ETA for the passes that iterate over layers."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=console, transient=True)
+
+    def __enter__(self):
+        self.progress.start()
+        return self.track
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def track(self, items, total, description):
+        return self.progress.track(items, total=total, description=description)
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape is not None else "?"
+
+
+def _count(value) -> str:
+    if value is None:
+        return "?"
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.2f}{suffix}"
+    return str(value)
+
+
+def _share(part, whole) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Compression settings: one dataclass filled from defaults, a TOML file and command-line flags.
+
+The TOML file uses the long option names with underscores (`rank_ratio = 0.5`,
+`method = "tucker2"`, `input_shape = ["x:1x3x224x224"]`); a flag given on the command line wins
+over the file, the file over the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tomllib
+from collections.abc import Mapping
+
+from onnx_lowrank.errors import InputError
+
+__all__ = ["METHOD_NAMES", "Settings", "load_config"]
+
+METHOD_NAMES = ("svd", "spatial-svd", "tiled-svd", "tucker2", "cp", "cp-depthwise")
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything that decides what `compress` does; `to_dict()` is recorded in the output model."""
+
+    method: str = "tucker2"
+    rank: int | None = None
+    rank_ratio: float | None = None
+    tiles: tuple[int, int] = (2, 2)
+    layers: str | None = None
+    skip: str | None = None
+    input_shape: tuple[str, ...] = ()
+    calib: str | None = None
+    calib_count: int = 16
+    provider: str = "auto"
+    validate: bool = True
+    latency: bool = True
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHOD_NAMES:
+            raise InputError(f"unknown method '{self.method}'; expected one of {', '.join(METHOD_NAMES)}")
+        if self.rank is not None and self.rank_ratio is not None:
+            raise InputError("give either a rank (--rank) or a rank ratio (--rank-ratio), not both")
+        if self.rank is not None and self.rank < 1:
+            raise InputError(f"--rank must be a positive integer, got {self.rank}")
+        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
+            raise InputError(f"--rank-ratio must be in (0, 1], got {self.rank_ratio}")
+        if self.rank is None and self.rank_ratio is None:
+            self.rank_ratio = 0.5
+        if len(self.tiles) != 2 or min(self.tiles) < 1:
+            raise InputError(f"--tiles must be AxB with positive A and B, got {self.tiles}")
+        if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
+            raise InputError(f"unknown provider '{self.provider}'; expected auto, cuda, tensorrt or cpu")
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["tiles"] = list(self.tiles)
+        values["input_shape"] = list(self.input_shape)
+        return values
+
+
+def load_config(path: str | pathlib.Path | None, overrides: Mapping[str, object]) -> Settings:
+    """Settings from the TOML file at `path` (if any), then every non-None value of `overrides`."""
+    values: dict[str, object] = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        try:
+            values.update(tomllib.loads(path.read_text()))
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: not a valid TOML file ({exc})") from None
+        values = {key.replace("-", "_"): value for key, value in values.items()}
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "tiles" in values and isinstance(values["tiles"], str):
+        values["tiles"] = parse_tiles(values["tiles"])
+    for key in ("tiles", "input_shape"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return Settings(**values)
+
+
+def parse_tiles(text: str) -> tuple[int, int]:
+    """'2x4' -> (2, 4): 2 row tiles over the output channels, 4 column tiles over the inputs."""
+    try:
+        a, b = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--tiles expects AxB like 2x2, got '{text}'") from None
+    return a, b

@@ -1,0 +1,130 @@
+"""Load and save ONNX models: external data, an IR version the runtime accepts, atomic writes.
+
+The input model is never modified: `save_model` refuses to write over the file it was loaded
+from only at the CLI level (it cannot know), but it always writes to a temporary file in the
+destination folder first and renames it into place, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pathlib
+import tempfile
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnx_lowrank.errors import InputError
+
+__all__ = ["load_model", "runtime_max_ir_version", "save_model"]
+
+log = logging.getLogger(__name__)
+
+# protobuf refuses to serialise a single message over 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX model, weights held in external data files included.
+
+    Raises InputError (one line, naming the file) when the path is missing, empty, truncated,
+    not an ONNX protobuf, or refers to external data that cannot be found.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty, expected an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise InputError(f"{path}: not an ONNX model (no graph found)")
+    if _uses_external_data(model.graph):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> pathlib.Path:
+    """Write `model` to `path` atomically and return the path.
+
+    The IR version is lowered to the highest the installed onnxruntime accepts (onnx 1.23
+    writes IR 14, onnxruntime 1.31 reads at most 13); opset imports, metadata and graph
+    input/output names are kept as they are. Models whose weights exceed protobuf's 2 GiB
+    limit are written with their tensors in `<name>.data` beside the model.
+    """
+    path = pathlib.Path(path)
+    folder = path.parent if str(path.parent) else pathlib.Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{path}: the output folder {folder} does not exist")
+    to_write = onnx.ModelProto()
+    to_write.CopyFrom(model)
+    to_write.ir_version = min(to_write.ir_version or onnx.IR_VERSION, runtime_max_ir_version())
+    external = _tensor_bytes(to_write.graph) > EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as staging:
+        staged = pathlib.Path(staging) / path.name
+        data_name = f"{path.name}.data"
+        if external:
+            onnx.save_model(to_write, str(staged), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(pathlib.Path(staging) / data_name, folder / data_name)
+        else:
+            staged.write_bytes(to_write.SerializeToString())
+        os.replace(staged, path)
+    log.info("saved %s (IR %d, external data: %s)", path, to_write.ir_version, external)
+    return path
+
+
+@functools.cache
+def runtime_max_ir_version() -> int:
+    """The highest ONNX IR version the installed onnxruntime loads, probed once with a tiny model."""
+    import onnxruntime as ort
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for version in range(onnx.IR_VERSION, 3, -1):
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)])
+        probe.ir_version = version
+        try:
+            ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - any refusal means "not this version"
+            continue
+        return version
+    return onnx.IR_VERSION
+
+
+def _uses_external_data(graph: onnx.GraphProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(graph))
+
+
+def _tensor_bytes(graph: onnx.GraphProto) -> int:
+    return sum(t.ByteSize() for t in _all_tensors(graph))
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

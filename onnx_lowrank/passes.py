@@ -1,0 +1,313 @@
+"""Passes and the pass manager: the compression pipeline as small steps over one workspace.
+
+A pass holds its settings from `__init__` and does its work in `run(workspace, progress)`,
+returning a `PassResult` that says whether it changed anything and what. The `PassManager` runs
+a pipeline in order, times each pass, logs it and hands the progress display to long passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_lowrank import __version__, methods
+from onnx_lowrank.config import Settings
+from onnx_lowrank.errors import InputError
+from onnx_lowrank.graph import Layer, canonicalize, find_layers, infer_shapes, model_totals
+from onnx_lowrank.ranks import FixedRank, RankRatio
+from onnx_lowrank.rewrite.chain import Chain, apply_chain
+
+__all__ = [
+    "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "LayerDecision", "Pass",
+    "PassManager", "PassResult", "RewritePass", "SelectLayersPass", "ValidatePass", "Workspace",
+    "compress_pipeline",
+]
+
+log = logging.getLogger(__name__)
+
+Tracker = Callable[[Iterable, int, str], Iterator]
+
+
+def plain_tracker(items: Iterable, total: int, description: str) -> Iterator:
+    """The default progress display: none."""
+    return iter(items)
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass did: `modified` says whether the model or the decisions changed."""
+
+    modified: bool
+    summary: str = ""
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """What happened to one layer; `to_dict()` is the report contract's per-layer object."""
+
+    layer: Layer
+    status: str = "skipped"
+    reason: str | None = None
+    method: str | None = None
+    ranks: tuple[int, ...] | None = None
+    chain: Chain | None = None
+    macs_after: int | None = None
+    params_after: int | None = None
+    weight_rel_error: float | None = None
+    output_rel_error: float | None = None
+
+    def to_dict(self) -> dict:
+        layer = self.layer
+        rewritten = self.status == "rewritten"
+        return {"name": layer.name, "op": layer.op, "method": self.method,
+                "ranks": list(self.ranks) if self.ranks else None, "status": self.status,
+                "reason": self.reason, "macs_before": layer.macs or 0,
+                "macs_after": self.macs_after if rewritten else (layer.macs or 0),
+                "params_before": layer.params,
+                "params_after": self.params_after if rewritten else layer.params,
+                "weight_rel_error": self.weight_rel_error, "output_rel_error": self.output_rel_error}
+
+
+@dataclasses.dataclass
+class Workspace:
+    """The state the passes share: the original and current model and the per-layer decisions."""
+
+    original: onnx.ModelProto
+    model: onnx.ModelProto
+    settings: Settings
+    shapes: dict = dataclasses.field(default_factory=dict)
+    layers: list[Layer] = dataclasses.field(default_factory=list)
+    decisions: dict[str, LayerDecision] = dataclasses.field(default_factory=dict)
+    totals_before: dict[str, int] = dataclasses.field(default_factory=dict)
+    totals_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    validation: object | None = None
+
+    @property
+    def rewritten(self) -> list[LayerDecision]:
+        return [d for d in self.decisions.values() if d.status == "rewritten"]
+
+
+class Pass:
+    """Base class: settings in `__init__`, work in `run`."""
+
+    name = "pass"
+
+    def run(self, workspace: Workspace, progress: Tracker) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+
+class CanonicalizePass(Pass):
+    """Constant weights -> initializers, auto_pad -> explicit pads, every node named."""
+
+    name = "canonicalize"
+
+    def run(self, workspace, progress):
+        workspace.model = canonicalize(workspace.model)
+        return PassResult(True, "weights as initializers, explicit pads, named nodes")
+
+
+class FindLayersPass(Pass):
+    """Infer shapes (pinned by --input-shape) and list every layer with its cost."""
+
+    name = "find layers"
+
+    def __init__(self, pinned: dict[str, tuple[int, ...]]):
+        self.pinned = pinned
+
+    def run(self, workspace, progress):
+        model = workspace.model
+        need = {t for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                for t in (*n.input[:1], *n.input[1:2], n.output[0])}
+        workspace.shapes = infer_shapes(model, self.pinned, need=need, seed=workspace.settings.seed)
+        workspace.layers = find_layers(model, workspace.shapes)
+        workspace.totals_before = model_totals(workspace.layers)
+        workspace.decisions = {layer.name: LayerDecision(layer, reason=layer.skip_reason)
+                               for layer in workspace.layers}
+        candidates = sum(layer.candidate for layer in workspace.layers)
+        return PassResult(False, f"{len(workspace.layers)} layers, {candidates} candidates")
+
+
+class SelectLayersPass(Pass):
+    """Keep the candidates whose name matches `--layers` and not `--skip` (regular expressions)."""
+
+    name = "select layers"
+
+    def __init__(self, include: str | None, exclude: str | None):
+        self.include = _compile(include, "--layers")
+        self.exclude = _compile(exclude, "--skip")
+
+    def run(self, workspace, progress):
+        dropped = 0
+        for decision in workspace.decisions.values():
+            if decision.reason is not None:
+                continue
+            name = decision.layer.name
+            if self.include is not None and not self.include.search(name):
+                decision.reason = "not selected by --layers"
+            elif self.exclude is not None and self.exclude.search(name):
+                decision.reason = "excluded by --skip"
+            else:
+                continue
+            dropped += 1
+        return PassResult(dropped > 0, f"{dropped} candidates left out by --layers/--skip")
+
+
+def _compile(pattern: str | None, flag: str):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"{flag}: not a valid regular expression '{pattern}' ({exc})") from None
+
+
+class FactorizePass(Pass):
+    """Factorize every selected layer with the method and rank policy; keep chains that cut MACs."""
+
+    name = "factorize"
+
+    def __init__(self, method: str, policy, tiles: tuple[int, int] = (2, 2), seed: int = 0):
+        self.method = method
+        self.policy = policy
+        self.tiles = tiles
+        self.seed = seed
+
+    def run(self, workspace, progress):
+        todo = [d for d in workspace.decisions.values() if d.reason is None]
+        for decision in progress(todo, len(todo), f"factorizing ({self.method})"):
+            layer = decision.layer
+            plan = methods.plan(layer, self.method, self.policy, tiles=self.tiles, seed=self.seed)
+            decision.method = plan.method
+            decision.ranks = plan.ranks
+            if plan.skip_reason is not None:
+                decision.reason = plan.skip_reason
+                continue
+            decision.chain = plan.chain
+            decision.macs_after, decision.params_after = plan.macs, plan.params
+            decision.weight_rel_error = plan.weight_rel_error
+            if plan.macs >= (layer.macs or 0):
+                decision.reason = (f"ranks {list(plan.ranks)} give {plan.macs:,} MACs, "
+                                   f"not fewer than the original {layer.macs:,}")
+                continue
+            decision.status = "rewritten"
+        done = len(workspace.rewritten)
+        return PassResult(done > 0, f"{done} of {len(todo)} layers factorized")
+
+
+class RewritePass(Pass):
+    """Replace each factorized layer by its chain, clean up, record provenance, check the model."""
+
+    name = "rewrite"
+
+    def run(self, workspace, progress):
+        if not workspace.rewritten:
+            return PassResult(False, "nothing to rewrite")
+        graph = gs.import_onnx(workspace.model)
+        nodes = {node.name: node for node in graph.nodes}
+        for decision in workspace.rewritten:
+            apply_chain(graph, nodes[decision.layer.name], decision.layer, decision.chain)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        rewritten = gs.export_onnx(graph, do_type_check=False)
+        workspace.model = _with_model_fields(workspace.model, rewritten, workspace.settings)
+        onnx.checker.check_model(workspace.model)
+        return PassResult(True, f"{len(workspace.rewritten)} layers replaced by chains")
+
+
+def _with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,
+                       settings: Settings) -> onnx.ModelProto:
+    """The rewritten graph with the source's opsets, IR version, producer and metadata, plus provenance."""
+    out = onnx.ModelProto()
+    out.CopyFrom(source)
+    out.graph.CopyFrom(rewritten.graph)
+    provenance = {"onnx_lowrank.version": __version__,
+                  "onnx_lowrank.settings": json.dumps(settings.to_dict(), sort_keys=True)}
+    kept = [p for p in out.metadata_props if p.key not in provenance]
+    del out.metadata_props[:]
+    out.metadata_props.extend(kept)
+    for key, value in provenance.items():
+        out.metadata_props.add(key=key, value=value)
+    return out
+
+
+class CountPass(Pass):
+    """Count MACs and parameters of the rewritten model from the model itself, not from the plan."""
+
+    name = "count"
+
+    def __init__(self, pinned: dict[str, tuple[int, ...]]):
+        self.pinned = pinned
+
+    def run(self, workspace, progress):
+        model = workspace.model
+        need = {t for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                for t in (*n.input[:2], n.output[0])}
+        shapes = infer_shapes(model, self.pinned, need=need, seed=workspace.settings.seed)
+        workspace.totals_after = model_totals(find_layers(model, shapes))
+        return PassResult(False, "MACs {macs:,}, params {params:,}".format(**workspace.totals_after))
+
+
+class ValidatePass(Pass):
+    """Run the original and the compressed model in onnxruntime and compare (numerics, latency)."""
+
+    name = "validate"
+
+    def __init__(self, feeds: Sequence[dict], provider: str, latency: bool, threads: int | None):
+        self.feeds = feeds
+        self.provider = provider
+        self.latency = latency
+        self.threads = threads
+
+    def run(self, workspace, progress):
+        from onnx_lowrank import validate
+
+        result = validate.compare_models(workspace.original, workspace.model, self.feeds,
+                                         provider=self.provider, threads=self.threads)
+        if self.latency:
+            timing = validate.compare_latency(workspace.original, workspace.model, self.feeds[0],
+                                              provider=self.provider, threads=self.threads)
+            result = validate.with_latency(result, timing)
+        workspace.validation = result
+        worst = min((o.cosine for o in result.outputs), default=1.0)
+        return PassResult(False, f"{result.provider}: worst output cosine {worst:.6f}")
+
+
+class PassManager:
+    """Runs passes in order, timing and logging each; `tracker` drives a progress display."""
+
+    def __init__(self, passes: Sequence[Pass], tracker: Tracker = plain_tracker):
+        self.passes = list(passes)
+        self.tracker = tracker
+        self.timings: list[tuple[str, float, PassResult]] = []
+
+    def run(self, workspace: Workspace) -> Workspace:
+        for step in self.passes:
+            start = time.perf_counter()
+            result = step.run(workspace, self.tracker)
+            elapsed = time.perf_counter() - start
+            self.timings.append((step.name, elapsed, result))
+            log.info("%s: %s (%.2f s)", step.name, result.summary, elapsed)
+        return workspace
+
+
+def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
+                      feeds: Sequence[dict] | None) -> list[Pass]:
+    """The passes `compress` runs for these settings, in order."""
+    policy = FixedRank(settings.rank) if settings.rank is not None else RankRatio(settings.rank_ratio)
+    passes: list[Pass] = [
+        CanonicalizePass(),
+        FindLayersPass(pinned),
+        SelectLayersPass(settings.layers, settings.skip),
+        FactorizePass(settings.method, policy, tiles=settings.tiles, seed=settings.seed),
+        RewritePass(),
+        CountPass(pinned),
+    ]
+    if settings.validate and feeds:
+        passes.append(ValidatePass(feeds, settings.provider, settings.latency, settings.threads))
+    return passes
