@@ -299,7 +299,7 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, s
         if name not in known:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options,
@@ -363,8 +363,8 @@ def _layer(node: onnx.NodeProto, path: str | None, scope: dict, producers: dict,
         weight_index = 1 if node.input[1] in scope else 0 if node.input[0] in scope else None
         layer.weight_side = "left" if weight_index == 0 else "right"
     else:
-        weight_index = 1
-    data_index = 1 - weight_index if weight_index is not None else 0
+        weight_index = 1 if len(node.input) > 1 and node.input[1] in scope else None
+    data_index = 1 if node.op_type == "MatMul" and weight_index == 0 else 0
     layer.input_shape = shapes.get(node.input[data_index])
     if weight_index is not None:
         layer.weight_name = node.input[weight_index]

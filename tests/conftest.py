@@ -1,0 +1,75 @@
+"""Shared test helpers: tiny model builders, an onnxruntime runner, numerical equality."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+FULL_RANK_RTOL = 1e-5  # float32 rounding of a few chained products, relative to the output norm
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17):
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def conv_model(input_shape, weight, bias=None, op="Conv", dynamic_batch=False, **attrs):
+    """A one-node Conv/ConvTranspose model: input `x`, output `y`, weight `W`, bias `B`."""
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "W")]
+    names = ["x", "W"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "B"))
+        names.append("B")
+    shape = ["N", *input_shape[1:]] if dynamic_batch else list(input_shape)
+    node = helper.make_node(op, names, ["y"], name="layer", **attrs)
+    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def gemm_model(a_shape, b, c=None, **attrs):
+    inits = [numpy_helper.from_array(b.astype(np.float32), "B")]
+    names = ["a", "B"]
+    if c is not None:
+        inits.append(numpy_helper.from_array(c.astype(np.float32), "C"))
+        names.append("C")
+    node = helper.make_node("Gemm", names, ["y"], name="layer", **attrs)
+    return make_model([node], [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a_shape))],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def matmul_model(x_shape, w, side="right"):
+    inits = [numpy_helper.from_array(w.astype(np.float32), "W")]
+    names = ["x", "W"] if side == "right" else ["W", "x"]
+    node = helper.make_node("MatMul", names, ["y"], name="layer")
+    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    reference = reference.astype(np.float64)
+    norm = np.linalg.norm(reference)
+    return float(np.linalg.norm(reference - candidate) / (norm if norm > 0 else 1.0))
+
+
+def assert_numerically_equal(original, rewritten, feed, rtol=FULL_RANK_RTOL):
+    """Both models run in onnxruntime; every output agrees to `rtol` relative L2 error."""
+    for expected, actual in zip(run(original, feed), run(rewritten, feed), strict=True):
+        assert expected.shape == actual.shape
+        assert relative_error(expected, actual) < rtol
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
