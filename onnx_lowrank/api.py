@@ -47,9 +47,8 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
     `.validation`.
     """
     settings = settings or Settings()
-    if output is not None and not isinstance(model, onnx.ModelProto):
-        if pathlib.Path(output).resolve() == pathlib.Path(model).resolve():
-            raise InputError(f"{output}: refusing to overwrite the input model; choose another -o")
+    if output is not None:
+        _check_output(model, pathlib.Path(output))
     loaded = _as_model(model)
     pinned = inputs.parse_input_shapes(settings.input_shape)
     feeds = _validation_feeds(loaded, settings, pinned) if settings.validate else None
@@ -60,6 +59,14 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
     if output is not None:
         save_model(workspace.model, output)
     return workspace
+
+
+def _check_output(model, output: pathlib.Path) -> None:
+    if not isinstance(model, onnx.ModelProto) and output.resolve() == pathlib.Path(model).resolve():
+        raise InputError(f"{output}: refusing to overwrite the input model; choose another -o")
+    folder = output.parent if str(output.parent) else pathlib.Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{output}: the output folder {folder} does not exist")
 
 
 def _validation_feeds(model: onnx.ModelProto, settings: Settings, pinned) -> list[dict]:

@@ -272,7 +272,8 @@ class ValidatePass(Pass):
         if self.latency:
             timing = validate.compare_latency(workspace.original, workspace.model, self.feeds[0],
                                               provider=self.provider, threads=self.threads)
-            result = validate.with_latency(result, timing)
+            result = dataclasses.replace(result, latency_before=timing.before,
+                                         latency_after=timing.after, speedup=timing.speedup)
         workspace.validation = result
         worst = min((o.cosine for o in result.outputs), default=1.0)
         return PassResult(False, f"{result.provider}: worst output cosine {worst:.6f}")
