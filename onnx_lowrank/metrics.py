@@ -1,0 +1,401 @@
+"""Task metrics: how well a candidate model agrees with the original on the task itself.
+
+A metric is ``f(original_outputs, candidate_outputs) -> float`` in ``[0, 1]`` (1 = the same
+answers). Both arguments are lists with one ``{output name: array}`` dict per validation
+batch, as `onnx_lowrank.validate.compare_models` collects them. The original's answers are
+the ground truth: no labels are needed.
+
+Built-in metrics (by name for `load_metric`):
+
+* ``top1`` -- `classifier_top1`: arg-max agreement of a classifier;
+* ``detection`` -- `detection_f1`: F1 of a YOLO-style detector's boxes after NMS;
+* ``ctc`` -- `ctc_agreement`: exact agreement of greedy CTC decodes.
+
+Anything else is named ``"module:function"`` (or ``"path/to/file.py:function"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onnx_lowrank.errors import InputError
+
+__all__ = [
+    "BUILTIN_METRICS",
+    "Metric",
+    "classifier_top1",
+    "ctc_agreement",
+    "detection_f1",
+    "load_metric",
+]
+
+logger = logging.getLogger(__name__)
+
+Outputs = Sequence[dict[str, np.ndarray]]
+Metric = Callable[[Outputs, Outputs], float]
+
+#: Confidence threshold of a detection (score > threshold), as in YOLOv5/v8 validation.
+CONF_THRESHOLD = 0.25
+#: IoU above which NMS suppresses a box of the same class.
+NMS_IOU = 0.45
+#: IoU at which a candidate box matches an original box of the same class.
+MATCH_IOU = 0.5
+#: At most this many boxes enter NMS per image (highest scores first) ...
+MAX_NMS = 30000
+#: ... and at most this many leave it.
+MAX_DET = 300
+#: Class offset for per-class NMS in one pass (larger than any image side in pixels).
+_CLASS_OFFSET = 7680.0
+
+
+def _pick_output(
+    original: Outputs,
+    candidate: Outputs,
+    want: Callable[[np.ndarray], bool],
+    what: str,
+    output: str | None,
+) -> str:
+    """Name of the output the metric reads: ``output`` or the first original one that fits."""
+    if not original:
+        raise InputError(f"{what} needs at least one batch of outputs, found none")
+    if len(original) != len(candidate):
+        raise InputError(
+            f"{what}: {len(original)} batches of original outputs but {len(candidate)} "
+            "of candidate outputs"
+        )
+    first = original[0]
+    if output is not None:
+        if output not in first:
+            raise InputError(f"{what}: no output '{output}'; the outputs are: {', '.join(first)}")
+        name = output
+    else:
+        fits = [n for n, a in first.items() if want(np.asarray(a))]
+        if not fits:
+            shapes = ", ".join(f"{n} {tuple(np.shape(a))}" for n, a in first.items())
+            raise InputError(f"{what}: no output of the expected shape; found {shapes}")
+        name = fits[0]
+    for batch in candidate:
+        if name not in batch:
+            raise InputError(
+                f"{what}: the candidate has no output '{name}'; it has: {', '.join(batch)}"
+            )
+    return name
+
+
+def classifier_top1(original: Outputs, candidate: Outputs, *, output: str | None = None) -> float:
+    """Top-1 agreement: the fraction of rows where both models pick the same class.
+
+    ``mean_i [argmax_c a[i, c] == argmax_c b[i, c]]`` over every row ``i`` of every batch,
+    for an output shaped ``[N, classes]`` (leading axes beyond two are treated as more rows).
+
+    Args:
+        original: per-batch outputs of the original model.
+        candidate: per-batch outputs of the candidate.
+        output: the output to read; default: the first 2-D output with more than one
+            class, else the first output of rank >= 2 whose last axis has more than one entry.
+
+    Raises:
+        InputError: no suitable output, or shapes that differ.
+    """
+    if output is None and original:
+        two_d = [n for n, a in original[0].items() if np.ndim(a) == 2 and np.shape(a)[1] > 1]
+        output = two_d[0] if two_d else None
+    name = _pick_output(
+        original,
+        candidate,
+        lambda a: a.ndim >= 2 and a.shape[-1] > 1,
+        "top-1 agreement (an output shaped [N, classes])",
+        output,
+    )
+    same = total = 0
+    for a_batch, b_batch in zip(original, candidate, strict=True):
+        a, b = np.asarray(a_batch[name]), np.asarray(b_batch[name])
+        if a.shape != b.shape:
+            raise InputError(
+                f"top-1 agreement: output '{name}' has shape {a.shape} in the original but "
+                f"{b.shape} in the candidate"
+            )
+        same += int(np.count_nonzero(a.argmax(axis=-1) == b.argmax(axis=-1)))
+        total += a.size // a.shape[-1]
+    return same / total if total else 1.0
+
+
+def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    cx, cy, w, h = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+
+
+def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` [M, 4] with every box in ``b`` [K, 4] (x1, y1, x2, y2)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS: keep the best box, drop those with IoU > threshold, repeat. Returns indices."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        best = order[0]
+        keep.append(best)
+        rest = order[1:]
+        if not rest.size:
+            break
+        ious = _pairwise_iou(boxes[best : best + 1], boxes[rest])[0]
+        order = rest[ious <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _yolo_layout(shape: tuple[int, ...], layout: str) -> str:
+    if layout not in ("auto", "yolov8", "yolov5"):
+        raise InputError(f"detection layout must be auto, yolov8 or yolov5, found '{layout}'")
+    if layout != "auto":
+        return layout
+    # Anchors far outnumber channels (8400 vs 84, 25200 vs 85): the short axis is channels.
+    return "yolov8" if shape[1] < shape[2] else "yolov5"
+
+
+def _detect(pred: np.ndarray, layout: str, conf: float, nms_iou: float):
+    """Boxes (x1y1x2y2), scores and classes of one image's raw YOLO prediction [A, C]."""
+    if layout == "yolov8":
+        xywh, class_scores = pred[:, :4], pred[:, 4:]
+    else:
+        xywh, class_scores = pred[:, :4], pred[:, 5:] * pred[:, 4:5]
+    classes = class_scores.argmax(axis=1)
+    scores = class_scores[np.arange(len(pred)), classes]
+    keep = scores > conf
+    xywh, scores, classes = xywh[keep], scores[keep], classes[keep]
+    if len(scores) > MAX_NMS:
+        top = np.argsort(-scores, kind="stable")[:MAX_NMS]
+        xywh, scores, classes = xywh[top], scores[top], classes[top]
+    boxes = _xywh_to_xyxy(xywh.astype(np.float64))
+    kept = _nms(boxes + classes[:, None] * _CLASS_OFFSET, scores, nms_iou)[:MAX_DET]
+    return boxes[kept], scores[kept], classes[kept]
+
+
+def _match(gt, det, iou_threshold: float) -> int:
+    """True positives of one image's detections against the original's.
+
+    Candidate boxes, best score first, each take the unmatched same-class original box of
+    highest IoU when that IoU >= threshold.
+    """
+    gt_boxes, _, gt_classes = gt
+    boxes, scores, classes = det
+    if not len(gt_boxes) or not len(boxes):
+        return 0
+    iou = _pairwise_iou(boxes, gt_boxes)
+    used = np.zeros(len(gt_boxes), dtype=bool)
+    tp = 0
+    for d in np.argsort(-scores, kind="stable"):
+        ok = ~used & (gt_classes == classes[d]) & (iou[d] >= iou_threshold)
+        if ok.any():
+            used[np.argmax(np.where(ok, iou[d], -1.0))] = True
+            tp += 1
+    return tp
+
+
+def detection_f1(
+    original: Outputs,
+    candidate: Outputs,
+    *,
+    output: str | None = None,
+    layout: str = "auto",
+    conf_threshold: float = CONF_THRESHOLD,
+    nms_iou: float = NMS_IOU,
+    match_iou: float = MATCH_IOU,
+) -> float:
+    """F1 of the candidate's detections against the original's, taken as ground truth.
+
+    The raw output of a YOLO-style detector is decoded per image:
+
+    * ``[N, 4+nc, A]`` (YOLOv8 layout): rows ``cx, cy, w, h`` then ``nc`` class scores;
+      ``score = max_c cls_c``;
+    * ``[N, A, 5+nc]`` (YOLOv5 layout): ``cx, cy, w, h, objectness`` then class
+      probabilities; ``score = max_c obj * cls_c``.
+
+    With ``layout="auto"`` the layout is told by shape: anchors outnumber channels, so
+    ``[N, d1, d2]`` with ``d1 < d2`` is YOLOv8, otherwise YOLOv5 (pass ``layout`` for a
+    transposed YOLOv8 output ``[N, A, 4+nc]``). Boxes with ``score > conf_threshold`` go
+    through greedy per-class NMS (IoU > ``nms_iou`` suppressed; at most 300 kept).
+
+    Each candidate box, best score first, matches the unmatched original box of the same
+    class with the highest IoU if that IoU >= ``match_iou``. Over all images,
+    ``F1 = 2 TP / (2 TP + FP + FN)`` where FP are unmatched candidate boxes and FN
+    unmatched original boxes; no boxes in either model gives 1.0.
+
+    Args:
+        original: per-batch outputs of the original model.
+        candidate: per-batch outputs of the candidate.
+        output: the prediction output; default: the first 3-D output.
+        layout: ``"auto"``, ``"yolov8"`` or ``"yolov5"``.
+        conf_threshold: minimum score of a detection (exclusive).
+        nms_iou: NMS suppression IoU.
+        match_iou: IoU for a match.
+
+    Raises:
+        InputError: no 3-D output, too few channels for the layout, or different shapes.
+    """
+    name = _pick_output(
+        original, candidate, lambda a: a.ndim == 3, "detection F1 (a YOLO output [N, *, *])", output
+    )
+    tp = fp = fn = 0
+    for a_batch, b_batch in zip(original, candidate, strict=True):
+        a, b = np.asarray(a_batch[name]), np.asarray(b_batch[name])
+        if a.shape != b.shape or a.ndim != 3:
+            raise InputError(
+                f"detection F1: output '{name}' has shape {a.shape} in the original and "
+                f"{b.shape} in the candidate; expected the same 3-D shape"
+            )
+        which = _yolo_layout(a.shape, layout)
+        if which == "yolov8":
+            a, b = a.transpose(0, 2, 1), b.transpose(0, 2, 1)
+        minimum = 5 if which == "yolov8" else 6
+        if a.shape[2] < minimum:
+            raise InputError(
+                f"detection F1: output '{name}' has {a.shape[2]} channels per box; the "
+                f"{which} layout needs at least {minimum}"
+            )
+        for pa, pb in zip(a, b, strict=True):
+            gt = _detect(pa, which, conf_threshold, nms_iou)
+            det = _detect(pb, which, conf_threshold, nms_iou)
+            hits = _match(gt, det, match_iou)
+            tp += hits
+            fp += len(det[0]) - hits
+            fn += len(gt[0]) - hits
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 1.0
+
+
+def _ctc_greedy(labels: np.ndarray, blank: int) -> tuple[int, ...]:
+    """Collapse repeats, then drop blanks: ``[0, 3, 3, 0, 3, 5, 5] -> (3, 3, 5)``."""
+    if not labels.size:
+        return ()
+    changed = np.concatenate([[True], labels[1:] != labels[:-1]])
+    kept = labels[changed]
+    return tuple(int(x) for x in kept[kept != blank])
+
+
+def ctc_agreement(
+    original: Outputs,
+    candidate: Outputs,
+    *,
+    output: str | None = None,
+    time_major: bool = False,
+    blank: int = 0,
+) -> float:
+    """Fraction of sequences whose greedy CTC decodes are identical.
+
+    Greedy decoding: ``argmax`` over classes at every time step, collapse runs of the same
+    label, drop the blank label (index ``blank``, 0 by default). A sequence counts when the
+    candidate's decoded labels equal the original's exactly.
+
+    Args:
+        original: per-batch outputs of the original model.
+        candidate: per-batch outputs of the candidate.
+        output: the logits/probabilities output; default: the first 3-D output.
+        time_major: the output is ``[T, N, C]`` instead of ``[N, T, C]``.
+        blank: index of the blank label.
+
+    Raises:
+        InputError: no 3-D output or different shapes.
+    """
+    name = _pick_output(
+        original, candidate, lambda a: a.ndim == 3, "CTC agreement (an output [N, T, C])", output
+    )
+    same = total = 0
+    for a_batch, b_batch in zip(original, candidate, strict=True):
+        a, b = np.asarray(a_batch[name]), np.asarray(b_batch[name])
+        if a.shape != b.shape or a.ndim != 3:
+            raise InputError(
+                f"CTC agreement: output '{name}' has shape {a.shape} in the original and "
+                f"{b.shape} in the candidate; expected the same 3-D shape"
+            )
+        if time_major:
+            a, b = a.transpose(1, 0, 2), b.transpose(1, 0, 2)
+        for la, lb in zip(a.argmax(axis=2), b.argmax(axis=2), strict=True):
+            same += _ctc_greedy(la, blank) == _ctc_greedy(lb, blank)
+            total += 1
+    return same / total if total else 1.0
+
+
+#: Metric names `load_metric` knows without an import.
+BUILTIN_METRICS: dict[str, Metric] = {
+    "top1": classifier_top1,
+    "detection": detection_f1,
+    "ctc": ctc_agreement,
+}
+
+
+def load_metric(spec: str | Metric) -> Metric:
+    """The metric named by ``spec``.
+
+    Args:
+        spec: a built-in name (``top1``, ``detection``, ``ctc``), ``"module:function"``
+            (imported with `importlib`), ``"path/to/file.py:function"``, or a callable
+            (returned as is).
+
+    Raises:
+        InputError: an unknown name, a module that fails to import, a missing attribute or
+            one that is not callable.
+    """
+    if callable(spec):
+        return spec
+    text = str(spec).strip()
+    if text in BUILTIN_METRICS:
+        return BUILTIN_METRICS[text]
+    module_name, sep, attr = text.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(
+            f"unknown metric '{text}'; expected one of {', '.join(BUILTIN_METRICS)} or "
+            "'module:function'"
+        )
+    try:
+        if module_name.endswith(".py"):
+            module = _import_file(Path(module_name))
+        else:
+            module = importlib.import_module(module_name)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module
+        raise InputError(
+            f"cannot import metric module '{module_name}': {type(exc).__name__}: {exc}"
+        ) from None
+    if not hasattr(module, attr):
+        raise InputError(f"metric module '{module_name}' has no attribute '{attr}'")
+    metric = getattr(module, attr)
+    if not callable(metric):
+        raise InputError(
+            f"metric '{text}' is a {type(metric).__name__}, expected a callable "
+            "f(original_outputs, candidate_outputs) -> float"
+        )
+    logger.debug("metric %s loaded", text)
+    return metric
+
+
+def _import_file(path: Path):
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (the metric module)")
+    module_name = f"onnx_lowrank_user_metric_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"cannot import metric file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
