@@ -48,9 +48,9 @@ Dim = int | str | None
 #: File suffixes (lower case) read as images from a calibration folder.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
-#: Random integer feeds are drawn uniformly from ``[0, RANDOM_INT_HIGH)``: small and
-#: non-negative, so they are valid indices for most embeddings and gathers.
-RANDOM_INT_HIGH = 100
+#: Random integer feeds are drawn uniformly from ``[0, RANDOM_INT_HIGH)``: 0 and 1 are valid
+#: indices for every embedding (a BERT's token-type table has two rows) and valid masks.
+RANDOM_INT_HIGH = 2
 
 
 @dataclass(frozen=True)
