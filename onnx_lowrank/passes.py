@@ -173,11 +173,13 @@ class FactorizePass(Pass):
 
     name = "factorize"
 
-    def __init__(self, method: str, policy, tiles: tuple[int, int] = (2, 2), seed: int = 0):
+    def __init__(self, method: str, policy, tiles: tuple[int, int] = (2, 2), seed: int = 0,
+                 require_savings: bool = True):
         self.method = method
         self.policy = policy
         self.tiles = tiles
         self.seed = seed
+        self.require_savings = require_savings
 
     def run(self, workspace, progress):
         todo = [d for d in workspace.decisions.values() if d.reason is None]
@@ -192,7 +194,7 @@ class FactorizePass(Pass):
             decision.chain = plan.chain
             decision.macs_after, decision.params_after = plan.macs, plan.params
             decision.weight_rel_error = plan.weight_rel_error
-            if plan.macs >= (layer.macs or 0):
+            if self.require_savings and plan.macs >= (layer.macs or 0):
                 decision.reason = (f"ranks {list(plan.ranks)} give {plan.macs:,} MACs, "
                                    f"not fewer than the original {layer.macs:,}")
                 continue
@@ -211,13 +213,29 @@ class RewritePass(Pass):
             return PassResult(False, "nothing to rewrite")
         graph = gs.import_onnx(workspace.model)
         nodes = {node.name: node for node in graph.nodes}
+        docs = {}
         for decision in workspace.rewritten:
-            apply_chain(graph, nodes[decision.layer.name], decision.layer, decision.chain)
+            built = apply_chain(graph, nodes[decision.layer.name], decision.layer, decision.chain)
+            docs.update({node.name: decision.chain.describe(decision.layer) for node in built})
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         rewritten = gs.export_onnx(graph, do_type_check=False)
+        for node in rewritten.graph.node:
+            if node.name in docs:
+                node.doc_string = docs[node.name]
         workspace.model = _with_model_fields(workspace.model, rewritten, workspace.settings)
-        onnx.checker.check_model(workspace.model)
+        if _passes_checker(workspace.original):
+            onnx.checker.check_model(workspace.model)
         return PassResult(True, f"{len(workspace.rewritten)} layers replaced by chains")
+
+
+def _passes_checker(model: onnx.ModelProto) -> bool:
+    """Whether the ONNX checker accepts `model`; some exporters' output does not pass it."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        log.info("the input model does not pass the ONNX checker (%s)", str(exc).splitlines()[0])
+        return False
+    return True
 
 
 def _with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,

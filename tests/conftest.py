@@ -15,6 +15,10 @@ def make_model(nodes, inputs, outputs, initializers=(), opset=17):
     graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
+    inferred = onnx.shape_inference.infer_shapes(model).graph.output
+    for output, typed in zip(model.graph.output, inferred):
+        if typed.type.tensor_type.HasField("shape"):
+            output.type.CopyFrom(typed.type)
     return model
 
 

@@ -64,6 +64,10 @@ class Chain:
     ranks: tuple[int, ...]
     stages: tuple[Stage, ...]
 
+    def describe(self, layer: Layer) -> str:
+        """The provenance written into each new node's doc_string."""
+        return f"onnx-lowrank: {self.method} ranks {list(self.ranks)} replacing {layer.op} '{layer.name}'"
+
     @property
     def params(self) -> int:
         return sum(s.weight.size for s in self.stages if not isinstance(s, ShuffleStage))
@@ -145,7 +149,6 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain) -> l
     output = node.outputs[0]
     bias = node.inputs[2] if len(node.inputs) > 2 and layer.bias_name else None
     prefix = f"{node.name}/lowrank"
-    doc = f"onnx-lowrank: {chain.method} ranks {list(chain.ranks)} replacing {layer.op} '{layer.name}'"
     dtype = layer.weight.dtype
     built = []
     for index, stage in enumerate(chain.stages):
@@ -161,8 +164,6 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain) -> l
         else:
             built.append(_product_node(tag, current, result, stage, layer, last, bias, dtype))
         current = result
-    for new in built:
-        new.doc_string = doc
     node.outputs.clear()
     graph.nodes.extend(built)
     return built
