@@ -72,6 +72,8 @@ def _check_output(model, output: pathlib.Path) -> None:
 def _validation_feeds(model: onnx.ModelProto, settings: Settings, pinned) -> list[dict]:
     specs = inputs.input_specs(model)
     if settings.calib is not None:
-        return inputs.load_calibration(settings.calib, specs, shapes=pinned, count=settings.calib_count)
+        return inputs.load_calibration(settings.calib, specs, shapes=pinned, count=settings.calib_count,
+                                       batch_size=settings.batch_size,
+                                       image_options=settings.image_options())
     shapes = inputs.resolve_shapes(specs, pinned)
     return inputs.random_feeds(specs, shapes, count=settings.calib_count, seed=settings.seed)

@@ -22,6 +22,8 @@ from onnx_lowrank.errors import BoundError, InputError
 
 __all__ = ["main"]
 
+IMAGE_KEYS = ("batch_size", "resize", "mean", "std", "layout", "channel_order")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as InputError (exit 2, one line)."""
@@ -78,6 +80,13 @@ def _add_shape_option(parser):
 def _add_validation_options(parser):
     parser.add_argument("--calib", help="inputs: an .npz keyed by input name, or a folder of images")
     parser.add_argument("--calib-count", type=int, help="use at most N inputs (default 16)")
+    parser.add_argument("--batch-size", type=int, help="samples per run when the batch axis is free")
+    images = parser.add_argument_group("image folders (--calib DIR)")
+    images.add_argument("--resize", type=int, help="short side before the centre crop (default: max(H, W))")
+    images.add_argument("--mean", help="per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406")
+    images.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
+    images.add_argument("--layout", choices=("auto", "NCHW", "NHWC"), help="input layout (default auto)")
+    images.add_argument("--channel-order", choices=("RGB", "BGR"), help="channel order (default RGB)")
     parser.add_argument("--provider", choices=("auto", "cuda", "tensorrt", "cpu"),
                         help="onnxruntime provider (auto: CUDA when it works, else CPU)")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
@@ -142,7 +151,7 @@ def _inspect(args, console: Console) -> int:
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
         "method", "rank", "rank_ratio", "tiles", "layers", "skip", "calib", "calib_count",
-        "provider", "validate", "latency", "threads", "seed")}
+        "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)
     quiet = args.json or not console.is_terminal
@@ -207,11 +216,13 @@ def _print_validation_summary(console: Console, validation: dict) -> None:
 def _validate(args, console: Console) -> int:
     from onnx_lowrank import validate
 
+    settings = load_config(None, {key: getattr(args, key) for key in IMAGE_KEYS})
     result = validate.validate_models(
         args.original, args.candidate, calib=args.calib,
         input_shapes=args.input_shape, provider=args.provider or "auto",
         count=args.calib_count or 16, metric=args.metric,
-        latency=args.latency is not False, threads=args.threads)
+        latency=args.latency is not False, threads=args.threads,
+        batch_size=settings.batch_size, image_options=settings.image_options())
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

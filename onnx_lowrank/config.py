@@ -32,6 +32,12 @@ class Settings:
     input_shape: tuple[str, ...] = ()
     calib: str | None = None
     calib_count: int = 16
+    batch_size: int | None = None
+    resize: int | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "auto"
+    channel_order: str = "RGB"
     provider: str = "auto"
     validate: bool = True
     latency: bool = True
@@ -54,10 +60,17 @@ class Settings:
         if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
             raise InputError(f"unknown provider '{self.provider}'; expected auto, cuda, tensorrt or cpu")
 
+    def image_options(self):
+        """How a folder of images given as --calib becomes model input."""
+        from onnx_lowrank.inputs import ImageOptions
+
+        return ImageOptions(resize=self.resize, mean=self.mean, std=self.std, layout=self.layout,
+                            channel_order=self.channel_order)
+
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
-        values["tiles"] = list(self.tiles)
-        values["input_shape"] = list(self.input_shape)
+        for key in ("tiles", "input_shape", "mean", "std"):
+            values[key] = list(getattr(self, key))
         return values
 
 
@@ -80,7 +93,10 @@ def load_config(path: str | pathlib.Path | None, overrides: Mapping[str, object]
         raise InputError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if "tiles" in values and isinstance(values["tiles"], str):
         values["tiles"] = parse_tiles(values["tiles"])
-    for key in ("tiles", "input_shape"):
+    for key in ("mean", "std"):
+        if key in values and isinstance(values[key], str):
+            values[key] = parse_floats(values[key], f"--{key}")
+    for key in ("tiles", "input_shape", "mean", "std"):
         if key in values:
             values[key] = tuple(values[key])
     return Settings(**values)
@@ -93,3 +109,11 @@ def parse_tiles(text: str) -> tuple[int, int]:
     except ValueError:
         raise InputError(f"--tiles expects AxB like 2x2, got '{text}'") from None
     return a, b
+
+
+def parse_floats(text: str, flag: str) -> tuple[float, ...]:
+    """'0.485,0.456,0.406' -> (0.485, 0.456, 0.406)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} expects comma-separated numbers like 0.5,0.5,0.5, got '{text}'") from None
