@@ -224,16 +224,17 @@ def mode_basis(tensor: np.ndarray, mode: int, count: int) -> tuple[np.ndarray, n
 
     Returns all ``min(I, J)`` singular values (descending) and ``count`` orthonormal columns
     spanning the leading left singular subspace, signed as in :func:`leading_eigh`. Uses the
-    eigenvectors of the smaller Gram matrix: ``X X^T``, or ``X^T X`` then an orthonormal basis
-    of ``X V`` when ``I > J`` (a 2048-channel mode of a 1x1 conv costs a 512x512 eigh).
+    eigenvectors of the smaller Gram matrix: ``X X^T``, or when ``I > J`` ``X^T X`` then an
+    orthonormal basis of ``X V`` (a 2048-channel mode of a 1x1 conv costs a 512x512 eigh),
+    completed by an orthonormal complement (zero energy) when ``count > J``.
     """
     unfolded = np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
     size, others = unfolded.shape
-    if size <= others or count > others:
+    if size <= others:
         values, basis = leading_eigh(unfolded @ unfolded.T, count)
     else:
-        values, right = leading_eigh(unfolded.T @ unfolded, count)
-        basis = np.linalg.qr(unfolded @ right)[0]
+        values, right = leading_eigh(unfolded.T @ unfolded, min(count, others))
+        basis = np.linalg.qr(unfolded @ right, mode="complete" if count > others else "reduced")[0][:, :count]
         basis = basis * canonical_signs(basis)
     return np.sqrt(values[: min(size, others)]), basis
 
