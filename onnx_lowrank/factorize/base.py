@@ -8,9 +8,9 @@ together with each stage's ``group`` attribute (``groups_per_stage``).
 
 Reconstruction is generic: :func:`compose_chain` folds the chain of stride-1, dilation-1
 convs back into one kernel, so ``to_tensor()`` checks the stage layout itself, not a
-method-specific formula. Every stage of our chains has a kernel extent above 1 along at most
-one stage per spatial dim, so strides, dilations and pads are the rewrite's business and
-the composed kernel has the original spatial shape.
+method-specific formula. In every chain here at most one stage has a kernel extent above 1
+along each spatial dim, so the composed kernel has the original spatial shape, and strides,
+dilations and pads are the rewrite's business (they go on that stage).
 
 Grouped kernels (g > 1) are factored group by group with the same per-group rank
 (:func:`per_group`), and the per-group stage weights are concatenated along the output-channel
