@@ -1,0 +1,564 @@
+"""Per-layer decisions -> ``report.json``, ``report.md`` and PNG plots.
+
+The report dict is the "Report contract" of ``design.md`` (built by
+:func:`onnx_lowrank.cli.compression_report`)::
+
+    {"tool_version": str, "input": str, "output": str, "settings": {...},
+     "totals": {"macs_before": int, "macs_after": int, "params_before": int, "params_after": int},
+     "layers": [{"name": str, "op": str, "method": str|null, "ranks": [int]|null,
+                 "status": "rewritten"|"skipped"|"rolled_back", "reason": str|null,
+                 "macs_before": int, "macs_after": int, "params_before": int, "params_after": int,
+                 "weight_rel_error": float|null, "output_rel_error": float|null}],
+     "validation": null | {"provider": str, "inputs": int,
+                           "outputs": [{"name": str, "rel_l2": float, "max_abs": float,
+                                        "cosine": float}],
+                           "top1_agreement": float|null,
+                           "latency_ms": null | {"before": {"median": float, "p90": float},
+                                                 "after": {"median": float, "p90": float}},
+                           "speedup": float|null}}
+
+:func:`validate_report` checks that shape by hand (no jsonschema) and names the first offending
+path; :func:`write_report` validates, then writes every file atomically (temporary file in the
+same folder + ``os.replace``). Plots are drawn on a bare :class:`matplotlib.figure.Figure` with
+the Agg canvas, so nothing depends on (or changes) the user's pyplot backend and no window can
+open; matplotlib is imported only when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "STATUSES", "ReportCurves", "markdown_report", "pareto_plot", "validate_report", "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("rewritten", "skipped", "rolled_back")
+"""The allowed values of a layer's ``status``."""
+
+MACS_PLOT_LAYERS = 30  # bars in macs_per_layer.png: more stop being readable at README width
+CURVE_PLOT_LAYERS = 6  # lines in spectra.png / error_vs_rank.png: tab10 colours stay distinct
+DPI = 120
+
+
+@dataclasses.dataclass
+class ReportCurves:
+    """Per-layer curves behind the optional plots of :func:`write_report`.
+
+    Attributes:
+        spectra: layer name -> singular values (1-D, any order; sorted descending when drawn).
+        error_curves: layer name -> ``(ranks, relative_errors)``, two 1-D arrays of equal length.
+        chosen: layer name -> the rank that was chosen (marked on the error curve and spectrum).
+    """
+
+    spectra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    error_curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    chosen: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+_TOTALS_KEYS = ("macs_before", "macs_after", "params_before", "params_after")
+_LAYER_COUNTS = ("macs_before", "macs_after", "params_before", "params_after")
+
+
+def validate_report(report: dict) -> None:
+    """Check `report` against the report contract of ``design.md``.
+
+    Required keys must be present with the contract's types: ``int`` (not ``bool``, not
+    negative) for MACs, parameters and ``validation.inputs``; finite ``float`` (an ``int`` is
+    accepted as a JSON number) or ``None`` for errors; ``status`` one of :data:`STATUSES`;
+    ``ranks`` a list of positive ints or ``None``; ``validation`` ``None`` or an object with
+    ``provider``, ``inputs``, ``outputs``, ``top1_agreement``, ``latency_ms`` and ``speedup``.
+    The validation numbers (``rel_l2``, ``max_abs``, ``cosine``, ``speedup``) may be ``None``,
+    which is how :mod:`onnx_lowrank.validate` writes a non-finite value so the JSON stays
+    standard; ``latency_ms`` may be ``None`` when latency was not measured. Extra keys
+    (``"metric"``, ``"subgraph"``, ...) are allowed anywhere.
+
+    Raises:
+        ValueError: naming the first offending path, what was expected and what was found,
+            e.g. ``layers[3].status: expected one of rewritten, skipped, rolled_back,
+            found 'done'``.
+    """
+    _object(report, "report")
+    for key in ("tool_version", "input", "output"):
+        _string(_field(report, key, ""), key)
+    _object(_field(report, "settings", ""), "settings")
+    totals = _object(_field(report, "totals", ""), "totals")
+    for key in _TOTALS_KEYS:
+        _count(_field(totals, key, "totals"), f"totals.{key}")
+    layers = _field(report, "layers", "")
+    _array(layers, "layers")
+    for index, layer in enumerate(layers):
+        _check_layer(layer, f"layers[{index}]")
+    validation = _field(report, "validation", "")
+    if validation is not None:
+        _check_validation(validation, "validation")
+
+
+def _check_layer(layer: Any, path: str) -> None:
+    _object(layer, path)
+    _string(_field(layer, "name", path), f"{path}.name")
+    _string(_field(layer, "op", path), f"{path}.op")
+    _optional(_string, _field(layer, "method", path), f"{path}.method")
+    ranks = _field(layer, "ranks", path)
+    if ranks is not None:
+        _array(ranks, f"{path}.ranks", "a list of ints or null")
+        for index, rank in enumerate(ranks):
+            _count(rank, f"{path}.ranks[{index}]", minimum=1)
+    status = _field(layer, "status", path)
+    if not isinstance(status, str) or status not in STATUSES:
+        raise ValueError(f"{path}.status: expected one of {', '.join(STATUSES)}, "
+                         f"found {_found(status)}")
+    _optional(_string, _field(layer, "reason", path), f"{path}.reason")
+    for key in _LAYER_COUNTS:
+        _count(_field(layer, key, path), f"{path}.{key}")
+    for key in ("weight_rel_error", "output_rel_error"):
+        _optional(_number, _field(layer, key, path), f"{path}.{key}")
+
+
+def _check_validation(validation: Any, path: str) -> None:
+    _object(validation, path, "an object or null")
+    _string(_field(validation, "provider", path), f"{path}.provider")
+    _count(_field(validation, "inputs", path), f"{path}.inputs")
+    outputs = _field(validation, "outputs", path)
+    _array(outputs, f"{path}.outputs")
+    for index, output in enumerate(outputs):
+        where = f"{path}.outputs[{index}]"
+        _object(output, where)
+        _string(_field(output, "name", where), f"{where}.name")
+        for key in ("rel_l2", "max_abs", "cosine"):
+            _optional(_number, _field(output, key, where), f"{where}.{key}")
+    _optional(_number, _field(validation, "top1_agreement", path), f"{path}.top1_agreement")
+    latency = _field(validation, "latency_ms", path)
+    if latency is not None:
+        _object(latency, f"{path}.latency_ms", "an object or null")
+        for side in ("before", "after"):
+            stats = _object(_field(latency, side, f"{path}.latency_ms"), f"{path}.latency_ms.{side}")
+            for key in ("median", "p90"):
+                _number(_field(stats, key, f"{path}.latency_ms.{side}"),
+                        f"{path}.latency_ms.{side}.{key}")
+    _optional(_number, _field(validation, "speedup", path), f"{path}.speedup")
+
+
+def _found(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}" if not isinstance(value, str) else text
+
+
+def _field(mapping: Mapping, key: str, path: str) -> Any:
+    if key not in mapping:
+        where = f"{path}.{key}" if path else key
+        raise ValueError(f"{where}: missing required key")
+    return mapping[key]
+
+
+def _object(value: Any, path: str, expected: str = "an object") -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ValueError(  # noqa: TRY004 (the contract: ValueError)
+            f"{path}: expected {expected}, found {_found(value)}")
+    return value
+
+
+def _array(value: Any, path: str, expected: str = "a list") -> None:
+    if not isinstance(value, list | tuple):
+        raise ValueError(  # noqa: TRY004 (the contract: ValueError)
+            f"{path}: expected {expected}, found {_found(value)}")
+
+
+def _string(value: Any, path: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004 (the contract: ValueError)
+            f"{path}: expected str, found {_found(value)}")
+
+
+def _count(value: Any, path: str, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(  # noqa: TRY004 (the contract: ValueError)
+            f"{path}: expected int, found {_found(value)}")
+    if value < minimum:
+        raise ValueError(f"{path}: expected an int >= {minimum}, found {value}")
+
+
+def _number(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(  # noqa: TRY004 (the contract: ValueError)
+            f"{path}: expected float, found {_found(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{path}: expected a finite float (JSON has no NaN/inf; use null), "
+                         f"found {value}")
+
+
+def _optional(check, value: Any, path: str) -> None:
+    if value is not None:
+        try:
+            check(value, path)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(": expected ", ": expected null or ", 1)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(report: dict, folder: str | os.PathLike,
+                 curves: ReportCurves | None = None) -> list[pathlib.Path]:
+    """Validate `report` and write it to `folder` as JSON, Markdown and PNG plots.
+
+    Files (each written atomically: a temporary file in `folder`, then ``os.replace``):
+
+    * ``report.json``: the report, ``indent=2``, standard JSON (no NaN);
+    * ``report.md``: input/output/settings, a totals table (before, after, after/before for
+      MACs and parameters), the validation summary (or "not validated") and a per-layer table,
+      rewritten layers first by MACs saved, then rolled-back, then skipped layers;
+    * ``macs_per_layer.png``: MACs before vs after, horizontal bars, the
+      :data:`MACS_PLOT_LAYERS` layers with the most MACs before;
+    * with `curves`: ``spectra.png`` (singular values / the largest one, log scale) when
+      ``curves.spectra`` is not empty and ``error_vs_rank.png`` (relative error vs rank, chosen
+      rank marked) when ``curves.error_curves`` is not empty, each for up to
+      :data:`CURVE_PLOT_LAYERS` layers, the ones with the most MACs before.
+
+    `folder` is created if needed. Files of a previous report in the same folder that this call
+    does not write (e.g. ``spectra.png`` when `curves` is None now) are left as they are.
+
+    Returns:
+        The paths written, in the order above.
+
+    Raises:
+        ValueError: `report` breaks the contract (see :func:`validate_report`) or a curve is
+            malformed (not 1-D, ranks and errors of different lengths).
+    """
+    validate_report(report)
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    written.append(_atomic_write(folder / "report.json", text.encode("utf-8")))
+    written.append(_atomic_write(folder / "report.md", markdown_report(report).encode("utf-8")))
+    written.append(_save(_macs_figure(report["layers"]), folder / "macs_per_layer.png"))
+    if curves is not None:
+        sizes = {layer["name"]: layer["macs_before"] for layer in report["layers"]}
+        if curves.spectra:
+            written.append(_save(_spectra_figure(curves, sizes), folder / "spectra.png"))
+        if curves.error_curves:
+            written.append(_save(_error_figure(curves, sizes), folder / "error_vs_rank.png"))
+    logger.info("report written to %s (%d files)", folder, len(written))
+    return written
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> pathlib.Path:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as handle:
+        staged = pathlib.Path(handle.name)
+        try:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            staged.unlink(missing_ok=True)
+            raise
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def markdown_report(report: dict) -> str:
+    """The ``report.md`` text of a (valid) report dict."""
+    lines = ["# onnx-lowrank compression report", "",
+             f"- Input: `{report['input']}`",
+             f"- Output: `{report['output']}`",
+             f"- Tool version: {report['tool_version']}", ""]
+    settings = report["settings"]
+    if settings:
+        lines += ["<details><summary>Settings</summary>", "",
+                  "| setting | value |", "|---|---|"]
+        lines += [f"| {_cell(key)} | {_cell(_setting(value))} |" for key, value in settings.items()]
+        lines += ["", "</details>", ""]
+    totals = report["totals"]
+    lines += ["## Totals", "", "| | before | after | after / before |", "|---|--:|--:|--:|"]
+    for title, key in (("MACs", "macs"), ("Parameters", "params")):
+        before, after = totals[f"{key}_before"], totals[f"{key}_after"]
+        lines.append(f"| {title} | {before:,} | {after:,} | {_ratio(after, before)} |")
+    lines += ["", "## Validation", ""]
+    lines += _validation_lines(report["validation"])
+    lines += ["", "## Layers", ""]
+    lines += _layer_lines(report["layers"])
+    return "\n".join(lines) + "\n"
+
+
+def _validation_lines(validation: dict | None) -> list[str]:
+    if validation is None:
+        return ["Not validated."]
+    lines = [f"Provider `{validation['provider']}`, {validation['inputs']} inputs.", ""]
+    if validation["outputs"]:
+        lines += ["| output | cosine | rel L2 | max abs |", "|---|--:|--:|--:|"]
+        for output in validation["outputs"]:
+            lines.append(f"| {_cell(output['name'])} | {_float(output['cosine'], '.6f')} | "
+                         f"{_float(output['rel_l2'], '.3e')} | {_float(output['max_abs'], '.3e')} |")
+        lines.append("")
+    lines.append(f"- Top-1 agreement: {_float(validation['top1_agreement'], '.4f')}")
+    if "metric" in validation:
+        lines.append(f"- Metric: {_float(validation['metric'], '.4f')}")
+    latency = validation["latency_ms"]
+    if latency is None:
+        lines.append("- Latency: not measured")
+    else:
+        lines += ["", "| latency (ms) | median | p90 |", "|---|--:|--:|"]
+        for side in ("before", "after"):
+            lines.append(f"| {side} | {latency[side]['median']:.4g} | {latency[side]['p90']:.4g} |")
+        lines += ["", f"Speed-up (median before / after): {_float(validation['speedup'], '.3f', 'x')}"]
+    return lines
+
+
+_STATUS_ORDER = {"rewritten": 0, "rolled_back": 1, "skipped": 2}
+
+
+def _layer_order(layers: Sequence[dict]) -> list[dict]:
+    """Rewritten layers by MACs saved (most first), then rolled back, then skipped (as found)."""
+    def key(item):
+        index, layer = item
+        saved = layer["macs_before"] - layer["macs_after"] if layer["status"] == "rewritten" else 0
+        return _STATUS_ORDER[layer["status"]], -saved, index
+    return [layer for _, layer in sorted(enumerate(layers), key=key)]
+
+
+def _layer_lines(layers: Sequence[dict]) -> list[str]:
+    if not layers:
+        return ["No layers found."]
+    counts = {status: sum(layer["status"] == status for layer in layers) for status in STATUSES}
+    lines = [", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in STATUSES) + ".", "",
+             ("| layer | op | method | ranks | status | MACs before | MACs after | MACs saved "
+              "| params before | params after | weight rel err | output rel err | reason |"),
+             "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for layer in _layer_order(layers):
+        ranks = "×".join(str(r) for r in layer["ranks"]) if layer["ranks"] else ""
+        saved = layer["macs_before"] - layer["macs_after"]
+        lines.append(
+            f"| {_cell(layer['name'])} | {_cell(layer['op'])} | {_cell(layer['method'] or '')} "
+            f"| {ranks} | {layer['status'].replace('_', ' ')} | {layer['macs_before']:,} "
+            f"| {layer['macs_after']:,} | {saved:,} | {layer['params_before']:,} "
+            f"| {layer['params_after']:,} | {_float(layer['weight_rel_error'], '.3e', empty='')} "
+            f"| {_float(layer['output_rel_error'], '.3e', empty='')} "
+            f"| {_cell(layer['reason'] or '')} |")
+    return lines
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: one line, pipes escaped."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _setting(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _float(value: float | None, spec: str, suffix: str = "", empty: str = "n/a") -> str:
+    return empty if value is None else f"{format(value, spec)}{suffix}"
+
+
+def _ratio(after: int, before: int) -> str:
+    if before == 0:
+        return "n/a"
+    share = after / before
+    text = f"{share:.1%}"
+    if after > 0 and after < before:
+        text += f" ({before / after:.2f}x fewer)"
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(width: float, height: float):
+    """A bare Agg-backed figure: no pyplot, no global backend change, no window."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: pathlib.Path) -> pathlib.Path:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return _atomic_write(path, buffer.getvalue())
+
+
+def _short(name: str, width: int = 40) -> str:
+    """Shorten a long layer name in the middle, keeping both ends readable."""
+    if len(name) <= width:
+        return name
+    keep = (width - 1) // 2
+    return f"{name[:keep]}…{name[-(width - 1 - keep):]}"
+
+
+def _macs_figure(layers: Sequence[dict]):
+    from matplotlib.ticker import EngFormatter
+
+    shown = sorted(layers, key=lambda layer: -layer["macs_before"])[:MACS_PLOT_LAYERS]
+    count = len(shown)
+    figure = _figure(8.0, max(2.5, 0.24 * count + 1.4))
+    axes = figure.add_subplot()
+    title = "MACs per layer, before vs after"
+    if len(layers) > count:
+        title += f" ({count} largest of {len(layers)})"
+    axes.set_title(title)
+    axes.set_xlabel("MACs")
+    if not shown:
+        axes.text(0.5, 0.5, "no layers", ha="center", va="center", transform=axes.transAxes)
+        axes.set_yticks([])
+        return figure
+    positions = np.arange(count)
+    height = 0.4
+    colours = {"rewritten": "tab:blue", "rolled_back": "tab:orange", "skipped": "tab:gray"}
+    axes.barh(positions - height / 2, [layer["macs_before"] for layer in shown], height,
+              color="lightgray", edgecolor="gray", label="before")
+    axes.barh(positions + height / 2, [layer["macs_after"] for layer in shown], height,
+              color=[colours[layer["status"]] for layer in shown], label="after")
+    axes.set_yticks(positions, [_short(layer["name"]) for layer in shown], fontsize=8)
+    axes.margins(y=0.01)
+    axes.invert_yaxis()
+    axes.xaxis.set_major_formatter(EngFormatter())
+    axes.grid(axis="x", alpha=0.3)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor="lightgray", edgecolor="gray", label="before")]
+    handles += [Patch(color=colours[s], label=f"after ({s.replace('_', ' ')})")
+                for s in STATUSES if any(layer["status"] == s for layer in shown)]
+    axes.legend(handles=handles, loc="lower right", fontsize=8)
+    return figure
+
+
+def _largest(names, sizes: Mapping[str, int]) -> list[str]:
+    """Up to CURVE_PLOT_LAYERS names, most MACs before first (unknown layers last, as given)."""
+    order = sorted(enumerate(names), key=lambda item: (-sizes.get(item[1], -1), item[0]))
+    return [name for _, name in order[:CURVE_PLOT_LAYERS]]
+
+
+def _spectra_figure(curves: ReportCurves, sizes: Mapping[str, int]):
+    figure = _figure(7.0, 4.5)
+    axes = figure.add_subplot()
+    for name in _largest(list(curves.spectra), sizes):
+        values = np.asarray(curves.spectra[name], dtype=np.float64)
+        if values.ndim != 1:
+            raise ValueError(f"curves.spectra[{name!r}]: expected a 1-D array of singular values, "
+                             f"found shape {values.shape}")
+        values = np.sort(np.abs(values))[::-1]
+        if values.size == 0 or values[0] == 0:
+            continue
+        normalised = values / values[0]
+        normalised[normalised <= 0] = np.nan  # log scale: leave exact zeros out
+        ranks = np.arange(1, values.size + 1)
+        chosen = curves.chosen.get(name)
+        label = _short(name, 32) + (f" (r={chosen})" if chosen is not None else "")
+        (line,) = axes.plot(ranks, normalised, label=label, linewidth=1.5)
+        if chosen is not None and 1 <= chosen <= values.size and np.isfinite(normalised[chosen - 1]):
+            axes.plot([chosen], [normalised[chosen - 1]], "o", color=line.get_color(), markersize=6)
+    axes.set_yscale("log")
+    axes.set_title("Normalised singular-value spectra" +
+                   (" (dot: chosen rank)" if curves.chosen else ""))
+    axes.set_xlabel("index $k$")
+    axes.set_ylabel(r"$\sigma_k\,/\,\sigma_1$")
+    axes.grid(which="both", alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)
+    return figure
+
+
+def _error_figure(curves: ReportCurves, sizes: Mapping[str, int]):
+    figure = _figure(7.0, 4.5)
+    axes = figure.add_subplot()
+    for name in _largest(list(curves.error_curves), sizes):
+        ranks, errors = (np.asarray(a, dtype=np.float64) for a in curves.error_curves[name])
+        if ranks.ndim != 1 or ranks.shape != errors.shape:
+            raise ValueError(f"curves.error_curves[{name!r}]: expected two 1-D arrays of equal "
+                             f"length, found shapes {ranks.shape} and {errors.shape}")
+        order = np.argsort(ranks, kind="stable")
+        ranks, errors = ranks[order], errors[order]
+        chosen = curves.chosen.get(name)
+        label = _short(name, 32) + (f" (r={chosen})" if chosen is not None else "")
+        (line,) = axes.plot(ranks, errors, label=label, linewidth=1.5)
+        if chosen is not None and ranks.size:
+            error = float(np.interp(chosen, ranks, errors))
+            axes.plot([chosen], [error], "o", color=line.get_color(), markersize=7)
+    axes.set_title("Relative error vs rank" + (" (dot: chosen rank)" if curves.chosen else ""))
+    axes.set_xlabel("rank")
+    axes.set_ylabel("relative error")
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)
+    return figure
+
+
+def pareto_plot(rows: list[dict], x: str, y: str, path: str | os.PathLike,
+                label: str = "method", title: str = "") -> pathlib.Path:
+    """Plot fidelity-vs-cost points, one line per value of ``row[label]``, sorted by `x`.
+
+    Each row is a dict with numeric ``row[x]`` and ``row[y]``; rows without `label` go in a
+    group named "-". Writes a PNG to `path` atomically (its folder is created if needed) and
+    returns the path.
+
+    Raises:
+        ValueError: a row lacks `x` or `y`, or its value is not a finite number.
+    """
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for index, row in enumerate(rows):
+        point = []
+        for key in (x, y):
+            if key not in row:
+                raise ValueError(f"rows[{index}].{key}: missing required key")
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number) \
+                    or not math.isfinite(value):
+                raise ValueError(f"rows[{index}].{key}: expected a finite number, found {_found(value)}")
+            point.append(float(value))
+        groups.setdefault(str(row.get(label, "-")), []).append((point[0], point[1]))
+    figure = _figure(7.0, 4.5)
+    axes = figure.add_subplot()
+    for name, points in groups.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name,
+                  linewidth=1.5, markersize=5)
+    axes.set_title(title or f"{y} vs {x}")
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    axes.grid(alpha=0.3)
+    if groups:
+        axes.legend(title=label, fontsize=8)
+    else:
+        axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(figure, path)
