@@ -47,10 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="factorize layers and rewrite them into chains")
     compress.add_argument("model")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
-    compress.add_argument("--method", choices=METHOD_NAMES, help="factorization (default tucker2)")
+    compress.add_argument("--method", choices=(*METHOD_NAMES, "auto"),
+                          help="factorization (default tucker2); auto picks per layer for a budget")
     ranks = compress.add_mutually_exclusive_group()
     ranks.add_argument("--rank", type=int, help="keep N components per mode (capped at full rank)")
     ranks.add_argument("--rank-ratio", type=float, help="keep this fraction of each full rank (default 0.5)")
+    ranks.add_argument("--energy", type=float, help="smallest ranks keeping this fraction of the spectral energy")
+    ranks.add_argument("--vbmf", action="store_true", default=None,
+                       help="ranks from empirical variational Bayesian matrix factorization")
+    ranks.add_argument("--target-macs", type=float, help="keep this fraction of the whole model's MACs")
+    ranks.add_argument("--target-params", type=float, help="keep this fraction of the whole model's parameters")
+    compress.add_argument("--rank-multiple", type=int,
+                          help="automatic ranks are multiples of N (default 16: onnxruntime's CPU conv block)")
+    compress.add_argument("--jobs", type=int, help="factorize layers in N processes")
     compress.add_argument("--tiles", type=parse_tiles, help="tile grid AxB for tiled-svd (default 2x2)")
     compress.add_argument("--layers", help="only layers whose name matches this regular expression")
     compress.add_argument("--skip", help="leave out layers whose name matches this regular expression")
@@ -150,7 +159,8 @@ def _inspect(args, console: Console) -> int:
 
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
-        "method", "rank", "rank_ratio", "tiles", "layers", "skip", "calib", "calib_count",
+        "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params",
+        "rank_multiple", "jobs", "tiles", "layers", "skip", "calib", "calib_count",
         "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)

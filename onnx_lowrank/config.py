@@ -17,6 +17,10 @@ from onnx_lowrank.errors import InputError
 __all__ = ["METHOD_NAMES", "Settings", "load_config"]
 
 METHOD_NAMES = ("svd", "spatial-svd", "tiled-svd", "tucker2", "cp", "cp-depthwise")
+#: What `--method auto` chooses from: the methods whose error-versus-rank curve is known exactly
+#: (Eckart–Young) or bounded (HOSVD) from spectra, so the allocator compares them fairly.
+AUTO_METHODS = ("svd", "spatial-svd", "tucker2")
+POLICY_KEYS = ("rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params")
 
 
 @dataclasses.dataclass
@@ -26,6 +30,12 @@ class Settings:
     method: str = "tucker2"
     rank: int | None = None
     rank_ratio: float | None = None
+    energy: float | None = None
+    vbmf: bool = False
+    target_macs: float | None = None
+    target_params: float | None = None
+    rank_multiple: int = 16
+    jobs: int = 1
     tiles: tuple[int, int] = (2, 2)
     layers: str | None = None
     skip: str | None = None
@@ -45,20 +55,37 @@ class Settings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHOD_NAMES:
-            raise InputError(f"unknown method '{self.method}'; expected one of {', '.join(METHOD_NAMES)}")
-        if self.rank is not None and self.rank_ratio is not None:
-            raise InputError("give either a rank (--rank) or a rank ratio (--rank-ratio), not both")
+        if self.method not in (*METHOD_NAMES, "auto"):
+            raise InputError(f"unknown method '{self.method}'; expected auto or one of {', '.join(METHOD_NAMES)}")
+        given = [key for key in POLICY_KEYS if getattr(self, key) not in (None, False)]
+        if len(given) > 1:
+            flags = " and ".join("--" + key.replace("_", "-") for key in given)
+            raise InputError(f"give one rank policy, not {flags}")
+        if not given:
+            self.rank_ratio = 0.5
         if self.rank is not None and self.rank < 1:
             raise InputError(f"--rank must be a positive integer, got {self.rank}")
-        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
-            raise InputError(f"--rank-ratio must be in (0, 1], got {self.rank_ratio}")
-        if self.rank is None and self.rank_ratio is None:
-            self.rank_ratio = 0.5
+        for key in ("rank_ratio", "energy", "target_macs", "target_params"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value <= 1:
+                raise InputError(f"--{key.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.method == "auto" and self.budget is None:
+            raise InputError("--method auto picks methods for a budget: add --target-macs or --target-params")
+        if self.rank_multiple < 1 or self.jobs < 1:
+            raise InputError("--rank-multiple and --jobs must be positive integers")
         if len(self.tiles) != 2 or min(self.tiles) < 1:
             raise InputError(f"--tiles must be AxB with positive A and B, got {self.tiles}")
         if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
             raise InputError(f"unknown provider '{self.provider}'; expected auto, cuda, tensorrt or cpu")
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """("macs" | "params", fraction kept) when a whole-model target was given."""
+        if self.target_macs is not None:
+            return "macs", self.target_macs
+        if self.target_params is not None:
+            return "params", self.target_params
+        return None
 
     def image_options(self):
         """How a folder of images given as --calib becomes model input."""

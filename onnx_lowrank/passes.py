@@ -7,6 +7,7 @@ a pipeline in order, times each pass, logs it and hands the progress display to 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -17,20 +18,23 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank import __version__, methods
-from onnx_lowrank.config import Settings
+from onnx_lowrank import __version__, methods, ranks
+from onnx_lowrank.config import AUTO_METHODS, Settings
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.graph import Layer, canonicalize, find_layers, infer_shapes, model_totals
-from onnx_lowrank.ranks import FixedRank, RankRatio
-from onnx_lowrank.rewrite.chain import Chain, apply_chain
+from onnx_lowrank.rewrite.chain import Chain, apply_chain, chain_costs
 
 __all__ = [
-    "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "LayerDecision", "Pass",
+    "BudgetPass", "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "LayerDecision", "Pass",
     "PassManager", "PassResult", "RewritePass", "SelectLayersPass", "ValidatePass", "Workspace",
     "compress_pipeline",
 ]
 
 log = logging.getLogger(__name__)
+
+#: How far from a --target-macs/--target-params the planned model may land, as a fraction of the
+#: whole model's cost.
+TARGET_TOLERANCE = 0.02
 
 Tracker = Callable[[Iterable, int, str], Iterator]
 
@@ -168,39 +172,134 @@ def _compile(pattern: str | None, flag: str):
         raise InputError(f"{flag}: not a valid regular expression '{pattern}' ({exc})") from None
 
 
+class BudgetPass(Pass):
+    """Allocate ranks (and, with `--method auto`, methods) across layers for a whole-model target.
+
+    Each candidate layer offers options on a rank grid (multiples of `multiple`): their cost
+    (MACs or parameters of the chain, from its template) and their relative squared weight error
+    read off the spectra (Eckart–Young for SVDs, the HOSVD bound for Tucker-2). `ranks.allocate`
+    picks one option or "dense" per layer so the whole model keeps at most `target` of its
+    cost, with the least total error.
+    """
+
+    name = "allocate"
+
+    def __init__(self, target: float, measure: str, method_names: Sequence[str],
+                 tiles: tuple[int, int] = (2, 2), multiple: int = 16):
+        self.target = target
+        self.measure = measure
+        self.method_names = tuple(method_names)
+        self.tiles = tiles
+        self.multiple = multiple
+
+    def run(self, workspace, progress):
+        candidates = [d for d in workspace.decisions.values() if d.reason is None]
+        total = workspace.totals_before[self.measure]
+        options = [self._options(d.layer) for d in progress(candidates, len(candidates), "error curves")]
+        fixed = total - sum(o.dense_cost for o in options)
+        flag = f"--target-{self.measure}"
+        allocation = ranks.allocate(options, self.target * total - fixed)
+        if not allocation.feasible:
+            lowest = (fixed + allocation.lowest_cost) / total
+            raise InputError(f"{flag} {self.target:g} is unreachable with these settings; the lowest "
+                             f"reachable is {lowest:.3f} of the model's {self.measure}")
+        if (fixed + allocation.cost) / total < self.target - TARGET_TOLERANCE:
+            # The rank grid is coarse: allow the upper half of the band rather than undershoot.
+            allocation = ranks.allocate(options, (self.target + TARGET_TOLERANCE) * total - fixed)
+        kept = (fixed + allocation.cost) / total
+        if abs(kept - self.target) > TARGET_TOLERANCE:
+            raise InputError(f"{flag} {self.target:g}: with ranks in steps of {self.multiple} the closest "
+                             f"plan keeps {kept:.3f}, outside ±{TARGET_TOLERANCE:g}; "
+                             "try a smaller --rank-multiple")
+        for decision in candidates:
+            choice = allocation.choices[decision.layer.name]
+            if choice is None:
+                decision.reason = "kept dense by the budget allocator (its error per MAC saved is highest)"
+            else:
+                decision.method, decision.ranks = choice.payload
+        return PassResult(True, f"{flag} {self.target:g}: planned {kept:.3f}")
+
+    def _options(self, layer: Layer) -> ranks.LayerOptions:
+        dense = layer.macs if self.measure == "macs" else layer.params
+        found: dict[tuple, ranks.Option] = {}
+        for name in self.method_names:
+            method = methods.resolved_method(layer, name)
+            if methods.not_applicable(layer, method, self.tiles) is not None:
+                continue
+            full = methods.full_ranks(layer, method, self.tiles)
+            for rank_tuple, error in _error_curve(method, full, methods.mode_spectra(layer, method, self.tiles),
+                                                  self.multiple):
+                macs, params = chain_costs(methods.chain_template(layer, method, rank_tuple, self.tiles), layer)
+                cost = macs if self.measure == "macs" else params
+                if cost < dense:
+                    found.setdefault((method, rank_tuple), ranks.Option(cost, error, (method, rank_tuple)))
+        return ranks.LayerOptions(layer.name, dense, list(found.values()))
+
+
+def _error_curve(method: str, full: tuple[int, ...], spectra, multiple: int):
+    """(ranks, relative squared error) on the rank grid of each mode."""
+    grids = [ranks.rank_grid(f, multiple) for f in full]
+    if method == "tucker2":
+        pairs = [(rt, rs) for rt in grids[0] for rs in grids[1]
+                 if 0.5 <= (rt / full[0]) / (rs / full[1]) <= 2.0]
+        errors = ranks.tucker_error_curve(spectra[0], spectra[1], pairs)
+        return list(zip(pairs, errors))
+    errors = ranks.svd_error_curve(spectra[0], grids[0])
+    return [((r,), e) for r, e in zip(grids[0], errors)]
+
+
+def _plan_job(job) -> "methods.Plan":
+    layer, method, policy, tiles, seed, preset = job
+    return methods.plan(layer, method, policy, tiles=tiles, seed=seed, ranks=preset)
+
+
 class FactorizePass(Pass):
-    """Factorize every selected layer with the method and rank policy; keep chains that cut MACs."""
+    """Factorize every selected layer (in `jobs` processes); keep chains that cut MACs.
+
+    Ranks come from the budget allocation when it ran, else from the rank policy.
+    """
 
     name = "factorize"
 
     def __init__(self, method: str, policy, tiles: tuple[int, int] = (2, 2), seed: int = 0,
-                 require_savings: bool = True):
+                 require_savings: bool = True, jobs: int = 1):
         self.method = method
         self.policy = policy
         self.tiles = tiles
         self.seed = seed
         self.require_savings = require_savings
+        self.jobs = jobs
 
     def run(self, workspace, progress):
         todo = [d for d in workspace.decisions.values() if d.reason is None]
-        for decision in progress(todo, len(todo), f"factorizing ({self.method})"):
-            layer = decision.layer
-            plan = methods.plan(layer, self.method, self.policy, tiles=self.tiles, seed=self.seed)
-            decision.method = plan.method
-            decision.ranks = plan.ranks
-            if plan.skip_reason is not None:
-                decision.reason = plan.skip_reason
-                continue
-            decision.chain = plan.chain
-            decision.macs_after, decision.params_after = plan.macs, plan.params
-            decision.weight_rel_error = plan.weight_rel_error
-            if self.require_savings and plan.macs >= (layer.macs or 0):
-                decision.reason = (f"ranks {list(plan.ranks)} give {plan.macs:,} MACs, "
-                                   f"not fewer than the original {layer.macs:,}")
-                continue
-            decision.status = "rewritten"
+        work = [(d.layer, d.method or self.method, self.policy, self.tiles, self.seed, d.ranks)
+                for d in todo]
+        description = f"factorizing ({self.method})"
+        if self.jobs > 1 and len(work) > 1:
+            with concurrent.futures.ProcessPoolExecutor(self.jobs) as pool:
+                plans = list(progress(pool.map(_plan_job, work), len(work), description))
+        else:
+            plans = list(progress(map(_plan_job, work), len(work), description))
+        for decision, plan in zip(todo, plans, strict=True):
+            self._decide(decision, plan)
         done = len(workspace.rewritten)
         return PassResult(done > 0, f"{done} of {len(todo)} layers factorized")
+
+    def _decide(self, decision: LayerDecision, plan) -> None:
+        layer = decision.layer
+        decision.method = plan.method
+        decision.ranks = plan.ranks
+        if plan.skip_reason is not None:
+            decision.reason = plan.skip_reason
+            return
+        decision.chain = plan.chain
+        decision.macs_after, decision.params_after = plan.macs, plan.params
+        decision.weight_rel_error = plan.weight_rel_error
+        if self.require_savings and plan.macs >= (layer.macs or 0):
+            decision.reason = (f"ranks {list(plan.ranks)} give {plan.macs:,} MACs, "
+                               f"not fewer than the original {layer.macs:,}")
+            return
+        decision.status = "rewritten"
 
 
 class RewritePass(Pass):
@@ -315,15 +414,32 @@ class PassManager:
         return workspace
 
 
+def rank_policy(settings: Settings):
+    """The per-layer rank policy of the settings (budgets plan ranks in `BudgetPass` instead)."""
+    if settings.rank is not None:
+        return ranks.FixedRank(settings.rank)
+    if settings.energy is not None:
+        return ranks.Snapped(ranks.Energy(settings.energy), settings.rank_multiple)
+    if settings.vbmf:
+        return ranks.Snapped(ranks.VBMF(), settings.rank_multiple)
+    return ranks.RankRatio(settings.rank_ratio or 1.0)
+
+
 def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
                       feeds: Sequence[dict] | None) -> list[Pass]:
     """The passes `compress` runs for these settings, in order."""
-    policy = FixedRank(settings.rank) if settings.rank is not None else RankRatio(settings.rank_ratio)
     passes: list[Pass] = [
         CanonicalizePass(),
         FindLayersPass(pinned),
         SelectLayersPass(settings.layers, settings.skip),
-        FactorizePass(settings.method, policy, tiles=settings.tiles, seed=settings.seed),
+    ]
+    if settings.budget is not None:
+        measure, target = settings.budget
+        names = AUTO_METHODS if settings.method == "auto" else (settings.method,)
+        passes.append(BudgetPass(target, measure, names, settings.tiles, settings.rank_multiple))
+    passes += [
+        FactorizePass(settings.method, rank_policy(settings), tiles=settings.tiles, seed=settings.seed,
+                      jobs=settings.jobs),
         RewritePass(),
         CountPass(pinned),
     ]

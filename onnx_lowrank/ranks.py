@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "Snapped",
     "VBMF",
     "Allocation",
     "Energy",
@@ -227,6 +228,7 @@ class FixedRank:
     """Keep `rank` components in every mode, capped at the mode's full rank."""
 
     rank: int
+    uses_spectra = False
 
     def __post_init__(self):
         if self.rank < 1:
@@ -247,6 +249,7 @@ class RankRatio:
     """Keep `ceil(ratio · full)` components in every mode (at least 1)."""
 
     ratio: float
+    uses_spectra = False
 
     def __post_init__(self):
         if not 0 < self.ratio <= 1:
@@ -260,6 +263,25 @@ class RankRatio:
     def describe(self) -> dict:
         """The policy's settings for the report."""
         return {"rank_ratio": self.ratio}
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapped:
+    """Another policy's ranks rounded to multiples of `multiple` (see `snap`): aligned ranks run
+    faster in onnxruntime's blocked convolutions (latency-cpu.md, finding 1)."""
+
+    policy: object
+    multiple: int
+
+    def ranks(self, full: tuple[int, ...], spectra: tuple[ModeSpectrum, ...] | None = None
+              ) -> tuple[int, ...]:
+        """``snap(r_i, multiple, full_i)`` for the inner policy's ``r_i``."""
+        inner = self.policy.ranks(full, spectra)
+        return tuple(snap(r, self.multiple, f) for r, f in zip(inner, full, strict=True))
+
+    def describe(self) -> dict:
+        """The inner policy's settings and the multiple."""
+        return {**self.policy.describe(), "rank_multiple": self.multiple}
 
 
 def _check_spectra(policy: str, full, spectra) -> tuple[ModeSpectrum, ...]:
