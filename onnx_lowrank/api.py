@@ -51,7 +51,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
         _check_output(model, pathlib.Path(output))
     loaded = _as_model(model)
     pinned = inputs.parse_input_shapes(settings.input_shape)
-    feeds = _validation_feeds(loaded, settings, pinned) if settings.validate else None
+    feeds = _validation_feeds(loaded, settings, pinned) if settings.validate or settings.guarded else None
     workspace = Workspace(original=loaded, model=loaded, settings=settings)
     manager = PassManager(compress_pipeline(settings, pinned, feeds), tracker)
     manager.run(workspace)

@@ -19,6 +19,7 @@ from rich.table import Table
 from onnx_lowrank import __version__, api
 from onnx_lowrank.config import METHOD_NAMES, load_config, parse_tiles
 from onnx_lowrank.errors import BoundError, InputError
+from onnx_lowrank.report import compression_report, report_curves, write_report
 
 __all__ = ["main"]
 
@@ -65,11 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--skip", help="leave out layers whose name matches this regular expression")
     _add_shape_option(compress)
     _add_validation_options(compress)
+    guard = compress.add_argument_group("error guard (roll back layers until the bound holds)")
+    guard.add_argument("--max-error", type=float, help="largest relative output error of one layer")
+    guard.add_argument("--min-cosine", type=float, help="smallest cosine of any model output with the original")
+    guard.add_argument("--min-metric", type=float, help="smallest task metric (needs --metric)")
+    guard.add_argument("--metric", help="task metric: top1, detection, ctc or module:function")
     compress.add_argument("--no-validate", dest="validate", action="store_false", default=None,
                           help="do not run the models in onnxruntime to compare them")
     compress.add_argument("--seed", type=int, help="seed for random inputs and CP initialisation")
     compress.add_argument("--config", help="TOML file of settings (flags override it)")
     compress.add_argument("--json", action="store_true", help="print the report JSON instead of tables")
+    compress.add_argument("--report", metavar="DIR",
+                          help="write report.json, report.md and PNG plots into DIR")
 
     validate = commands.add_parser("validate", help="compare a candidate model with the original")
     validate.add_argument("original")
@@ -160,7 +168,7 @@ def _inspect(args, console: Console) -> int:
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
         "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params",
-        "rank_multiple", "jobs", "tiles", "layers", "skip", "calib", "calib_count",
+        "rank_multiple", "jobs", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
         "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)
@@ -171,24 +179,13 @@ def _compress(args, console: Console) -> int:
         with _progress(console) as tracker:
             workspace = api.compress(args.model, args.output, settings, tracker)
     report = compression_report(workspace, args.model, args.output)
+    if args.report:
+        write_report(report, args.report, report_curves(workspace))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_compression(console, report)
     return 0
-
-
-def compression_report(workspace, input_path: str, output_path: str) -> dict:
-    """The report contract of design.md for a finished compression."""
-    from onnx_lowrank import __version__ as version
-
-    before, after = workspace.totals_before, workspace.totals_after or workspace.totals_before
-    return {"tool_version": version, "input": str(input_path), "output": str(output_path),
-            "settings": workspace.settings.to_dict(),
-            "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
-                       "params_before": before["params"], "params_after": after["params"]},
-            "layers": [d.to_dict() for d in workspace.decisions.values()],
-            "validation": workspace.validation.to_dict() if workspace.validation is not None else None}
 
 
 def _print_compression(console: Console, report: dict) -> None:

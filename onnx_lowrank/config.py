@@ -49,6 +49,10 @@ class Settings:
     layout: str = "auto"
     channel_order: str = "RGB"
     provider: str = "auto"
+    max_error: float | None = None
+    min_cosine: float | None = None
+    min_metric: float | None = None
+    metric: str | None = None
     validate: bool = True
     latency: bool = True
     threads: int | None = None
@@ -71,12 +75,19 @@ class Settings:
                 raise InputError(f"--{key.replace('_', '-')} must be in (0, 1], got {value}")
         if self.method == "auto" and self.budget is None:
             raise InputError("--method auto picks methods for a budget: add --target-macs or --target-params")
+        if self.min_metric is not None and self.metric is None:
+            raise InputError("--min-metric needs a task metric: add --metric top1|detection|ctc|module:function")
         if self.rank_multiple < 1 or self.jobs < 1:
             raise InputError("--rank-multiple and --jobs must be positive integers")
         if len(self.tiles) != 2 or min(self.tiles) < 1:
             raise InputError(f"--tiles must be AxB with positive A and B, got {self.tiles}")
         if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
             raise InputError(f"unknown provider '{self.provider}'; expected auto, cuda, tensorrt or cpu")
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a bound asks the guard to roll layers back."""
+        return any(v is not None for v in (self.max_error, self.min_cosine, self.min_metric))
 
     @property
     def budget(self) -> tuple[str, float] | None:

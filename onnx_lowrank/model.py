@@ -17,6 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.files import atomic_write_bytes
 
 __all__ = ["load_model", "runtime_max_ir_version", "save_model"]
 
@@ -76,9 +77,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> pathlib.Path:
             onnx.save_model(to_write, str(staged), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             os.replace(pathlib.Path(staging) / data_name, folder / data_name)
+            os.replace(staged, path)
         else:
-            staged.write_bytes(to_write.SerializeToString())
-        os.replace(staged, path)
+            atomic_write_bytes(path, to_write.SerializeToString())
     log.info("saved %s (IR %d, external data: %s)", path, to_write.ir_version, external)
     return path
 

@@ -15,17 +15,19 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lowrank import __version__, methods, ranks
 from onnx_lowrank.config import AUTO_METHODS, Settings
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.metrics import load_metric
 from onnx_lowrank.graph import Layer, canonicalize, find_layers, infer_shapes, model_totals
 from onnx_lowrank.rewrite.chain import Chain, apply_chain, chain_costs
 
 __all__ = [
-    "BudgetPass", "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "LayerDecision", "Pass",
+    "BudgetPass", "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "GuardPass", "LayerDecision", "Pass",
     "PassManager", "PassResult", "RewritePass", "SelectLayersPass", "ValidatePass", "Workspace",
     "compress_pipeline",
 ]
@@ -86,6 +88,7 @@ class Workspace:
     original: onnx.ModelProto
     model: onnx.ModelProto
     settings: Settings
+    canonical: onnx.ModelProto | None = None
     shapes: dict = dataclasses.field(default_factory=dict)
     layers: list[Layer] = dataclasses.field(default_factory=list)
     decisions: dict[str, LayerDecision] = dataclasses.field(default_factory=dict)
@@ -113,7 +116,7 @@ class CanonicalizePass(Pass):
     name = "canonicalize"
 
     def run(self, workspace, progress):
-        workspace.model = canonicalize(workspace.model)
+        workspace.model = workspace.canonical = canonicalize(workspace.model)
         return PassResult(True, "weights as initializers, explicit pads, named nodes")
 
 
@@ -310,21 +313,139 @@ class RewritePass(Pass):
     def run(self, workspace, progress):
         if not workspace.rewritten:
             return PassResult(False, "nothing to rewrite")
-        graph = gs.import_onnx(workspace.model)
-        nodes = {node.name: node for node in graph.nodes}
-        docs = {}
-        for decision in workspace.rewritten:
-            built = apply_chain(graph, nodes[decision.layer.name], decision.layer, decision.chain)
-            docs.update({node.name: decision.chain.describe(decision.layer) for node in built})
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        rewritten = gs.export_onnx(graph, do_type_check=False)
-        for node in rewritten.graph.node:
-            if node.name in docs:
-                node.doc_string = docs[node.name]
-        workspace.model = _with_model_fields(workspace.model, rewritten, workspace.settings)
+        workspace.model = rewritten_model(workspace)
         if _passes_checker(workspace.original):
             onnx.checker.check_model(workspace.model)
         return PassResult(True, f"{len(workspace.rewritten)} layers replaced by chains")
+
+
+def rewritten_model(workspace: Workspace) -> onnx.ModelProto:
+    """The canonical model with every layer whose decision is "rewritten" replaced by its chain."""
+    graph = gs.import_onnx(workspace.canonical)
+    nodes = {node.name: node for node in graph.nodes}
+    docs = {}
+    for decision in workspace.rewritten:
+        built = apply_chain(graph, nodes[decision.layer.name], decision.layer, decision.chain)
+        docs.update({node.name: decision.chain.describe(decision.layer) for node in built})
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    rewritten = gs.export_onnx(graph, do_type_check=False)
+    for node in rewritten.graph.node:
+        if node.name in docs:
+            node.doc_string = docs[node.name]
+    return _with_model_fields(workspace.canonical, rewritten, workspace.settings)
+
+
+def layer_output_errors(workspace: Workspace, feeds: Sequence[dict], provider: str,
+                        threads: int | None) -> dict[str, float]:
+    """Each rewritten layer's own output error `||y - y'|| / ||y||` on the layer's ORIGINAL inputs.
+
+    One onnxruntime run of the canonical model with every chain attached beside its layer gives
+    all of them at once, without the errors of earlier layers mixed in.
+    """
+    from onnx_lowrank import validate
+
+    graph = gs.import_onnx(workspace.canonical)
+    nodes = {node.name: node for node in graph.nodes}
+    pairs = {}
+    for decision in workspace.rewritten:
+        node = nodes[decision.layer.name]
+        built = apply_chain(graph, node, decision.layer, decision.chain, replace=False)
+        pairs[decision.layer.name] = (node.outputs[0], built[-1].outputs[0])
+        for tensor in pairs[decision.layer.name]:
+            tensor.dtype = tensor.dtype or decision.layer.weight.dtype
+    graph.outputs = [tensor for pair in pairs.values() for tensor in pair]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    probe = _with_model_fields(workspace.canonical, gs.export_onnx(graph, do_type_check=False),
+                               workspace.settings)
+    session = validate.make_session(probe, provider, threads)
+    residual = dict.fromkeys(pairs, 0.0)
+    energy = dict.fromkeys(pairs, 0.0)
+    for feed in feeds:
+        values = dict(zip((o.name for o in session.get_outputs()), session.run(None, feed)))
+        for name, (original, chain) in pairs.items():
+            reference = values[original.name].astype(np.float64)
+            residual[name] += float(np.sum((reference - values[chain.name]) ** 2))
+            energy[name] += float(np.sum(reference ** 2))
+    return {name: float(np.sqrt(residual[name] / energy[name])) if energy[name] > 0 else 0.0
+            for name in pairs}
+
+
+class GuardPass(Pass):
+    """Roll back layers until the requested error bounds hold.
+
+    `max_error`: every rewritten layer whose own output error (see `layer_output_errors`)
+    exceeds it goes back to its original node. `min_cosine` / `min_metric`: end to end, the fewest
+    layers with the largest own errors are rolled back (found by bisection) until the worst output
+    cosine, or the task metric, reaches the bound.
+    """
+
+    name = "guard"
+
+    def __init__(self, feeds: Sequence[dict], provider: str, threads: int | None,
+                 max_error: float | None = None, min_cosine: float | None = None,
+                 min_metric: float | None = None, metric=None):
+        self.feeds = feeds
+        self.provider = provider
+        self.threads = threads
+        self.max_error = max_error
+        self.min_cosine = min_cosine
+        self.min_metric = min_metric
+        self.metric = metric
+
+    def run(self, workspace, progress):
+        if not workspace.rewritten:
+            return PassResult(False, "nothing to guard")
+        errors = layer_output_errors(workspace, self.feeds, self.provider, self.threads)
+        for decision in workspace.rewritten:
+            decision.output_rel_error = errors[decision.layer.name]
+        rolled = 0
+        if self.max_error is not None:
+            for decision in workspace.rewritten:
+                if decision.output_rel_error > self.max_error:
+                    _roll_back(decision, f"its output error {decision.output_rel_error:.3g} is over "
+                                         f"--max-error {self.max_error:g}")
+                    rolled += 1
+        if self.min_cosine is not None or self.min_metric is not None:
+            rolled += self._hold_end_to_end(workspace)
+        if rolled:
+            workspace.model = rewritten_model(workspace) if workspace.rewritten else workspace.canonical
+        return PassResult(rolled > 0, f"{rolled} layers rolled back")
+
+    def _hold_end_to_end(self, workspace: Workspace) -> int:
+        worst_first = sorted(workspace.rewritten, key=lambda d: -d.output_rel_error)
+        if self._holds(workspace, 0, worst_first):
+            return 0
+        low, high = 1, len(worst_first)
+        while low < high:
+            middle = (low + high) // 2
+            if self._holds(workspace, middle, worst_first):
+                high = middle
+            else:
+                low = middle + 1
+        bound = (f"--min-cosine {self.min_cosine:g}" if self.min_cosine is not None
+                 else f"--min-metric {self.min_metric:g}")
+        for decision in worst_first[:low]:
+            _roll_back(decision, f"rolled back to meet {bound} (output error {decision.output_rel_error:.3g})")
+        return low
+
+    def _holds(self, workspace: Workspace, count: int, worst_first: list[LayerDecision]) -> bool:
+        from onnx_lowrank import validate
+
+        kept = worst_first[count:]
+        if not kept:
+            return True
+        trial = dataclasses.replace(workspace, decisions={d.layer.name: d for d in kept})
+        result = validate.compare_models(workspace.original, rewritten_model(trial), self.feeds,
+                                         provider=self.provider, metric=self.metric, threads=self.threads)
+        cosine = min((o.cosine for o in result.outputs), default=1.0)
+        if self.min_cosine is not None and cosine < self.min_cosine:
+            return False
+        return self.min_metric is None or (result.metric is not None and result.metric >= self.min_metric)
+
+
+def _roll_back(decision: LayerDecision, reason: str) -> None:
+    decision.status = "rolled_back"
+    decision.reason = reason
 
 
 def _passes_checker(model: onnx.ModelProto) -> bool:
@@ -375,17 +496,19 @@ class ValidatePass(Pass):
 
     name = "validate"
 
-    def __init__(self, feeds: Sequence[dict], provider: str, latency: bool, threads: int | None):
+    def __init__(self, feeds: Sequence[dict], provider: str, latency: bool, threads: int | None,
+                 metric=None):
         self.feeds = feeds
         self.provider = provider
         self.latency = latency
         self.threads = threads
+        self.metric = metric
 
     def run(self, workspace, progress):
         from onnx_lowrank import validate
 
         result = validate.compare_models(workspace.original, workspace.model, self.feeds,
-                                         provider=self.provider, threads=self.threads)
+                                         provider=self.provider, metric=self.metric, threads=self.threads)
         if self.latency:
             timing = validate.compare_latency(workspace.original, workspace.model, self.feeds[0],
                                               provider=self.provider, threads=self.threads)
@@ -441,8 +564,14 @@ def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
         FactorizePass(settings.method, rank_policy(settings), tiles=settings.tiles, seed=settings.seed,
                       jobs=settings.jobs),
         RewritePass(),
-        CountPass(pinned),
     ]
+    if settings.guarded:
+        metric = load_metric(settings.metric) if settings.metric else None
+        passes.append(GuardPass(feeds, settings.provider, settings.threads, max_error=settings.max_error,
+                                min_cosine=settings.min_cosine, min_metric=settings.min_metric,
+                                metric=metric))
+    passes.append(CountPass(pinned))
     if settings.validate and feeds:
-        passes.append(ValidatePass(feeds, settings.provider, settings.latency, settings.threads))
+        passes.append(ValidatePass(feeds, settings.provider, settings.latency, settings.threads,
+                                   metric=load_metric(settings.metric) if settings.metric else None))
     return passes

@@ -1,7 +1,7 @@
 """Per-layer decisions -> ``report.json``, ``report.md`` and PNG plots.
 
 The report dict is the "Report contract" of ``design.md`` (built by
-:func:`onnx_lowrank.cli.compression_report`)::
+:func:`compression_report`)::
 
     {"tool_version": str, "input": str, "output": str, "settings": {...},
      "totals": {"macs_before": int, "macs_after": int, "params_before": int, "params_after": int},
@@ -33,14 +33,16 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from onnx_lowrank.files import atomic_write_bytes
+
 __all__ = [
-    "STATUSES", "ReportCurves", "markdown_report", "pareto_plot", "validate_report", "write_report",
+    "STATUSES", "ReportCurves", "compression_report", "markdown_report", "pareto_plot", "report_curves",
+    "validate_report", "write_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -249,8 +251,8 @@ def write_report(report: dict, folder: str | os.PathLike,
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    written.append(_atomic_write(folder / "report.json", text.encode("utf-8")))
-    written.append(_atomic_write(folder / "report.md", markdown_report(report).encode("utf-8")))
+    written.append(atomic_write_bytes(folder / "report.json", text.encode("utf-8")))
+    written.append(atomic_write_bytes(folder / "report.md", markdown_report(report).encode("utf-8")))
     written.append(_save(_macs_figure(report["layers"]), folder / "macs_per_layer.png"))
     if curves is not None:
         sizes = {layer["name"]: layer["macs_before"] for layer in report["layers"]}
@@ -260,26 +262,6 @@ def write_report(report: dict, folder: str | os.PathLike,
             written.append(_save(_error_figure(curves, sizes), folder / "error_vs_rank.png"))
     logger.info("report written to %s (%d files)", folder, len(written))
     return written
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> pathlib.Path:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as handle:
-        staged = pathlib.Path(handle.name)
-        try:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            staged.unlink(missing_ok=True)
-            raise
-    try:
-        os.replace(staged, path)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +394,7 @@ def _save(figure, path: pathlib.Path) -> pathlib.Path:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return _atomic_write(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _short(name: str, width: int = 40) -> str:
@@ -562,3 +544,38 @@ def pareto_plot(rows: list[dict], x: str, y: str, path: str | os.PathLike,
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(figure, path)
+
+
+def compression_report(workspace, input_path: str, output_path: str) -> dict:
+    """The report contract of design.md for a finished compression workspace."""
+    from onnx_lowrank import __version__
+
+    before = workspace.totals_before
+    after = workspace.totals_after or workspace.totals_before
+    return {"tool_version": __version__, "input": str(input_path), "output": str(output_path),
+            "settings": workspace.settings.to_dict(),
+            "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
+                       "params_before": before["params"], "params_after": after["params"]},
+            "layers": [d.to_dict() for d in workspace.decisions.values()],
+            "validation": workspace.validation.to_dict() if workspace.validation is not None else None}
+
+
+def report_curves(workspace, count: int = 6) -> ReportCurves:
+    """Spectra and relative-error-versus-rank curves of the `count` largest factorized layers.
+
+    The error at rank r is the relative Frobenius error of truncating the first factorized mode
+    there, `sqrt(Σ_{i>r} σ_i² / Σ σ_i²)` (Eckart–Young), groups pooled.
+    """
+    from onnx_lowrank import methods, ranks
+
+    curves = ReportCurves()
+    factorized = [d for d in workspace.decisions.values() if d.ranks and d.method]
+    for decision in sorted(factorized, key=lambda d: -(d.layer.macs or 0))[:count]:
+        layer, tiles = decision.layer, workspace.settings.tiles
+        spectrum = methods.mode_spectra(layer, decision.method, tiles)[0]
+        full = methods.full_ranks(layer, decision.method, tiles)[0]
+        grid = np.arange(1, full + 1)
+        curves.spectra[layer.name] = np.sqrt(spectrum.pooled_energy())
+        curves.error_curves[layer.name] = (grid, np.sqrt(ranks.svd_error_curve(spectrum, grid)))
+        curves.chosen[layer.name] = int(decision.ranks[0])
+    return curves

@@ -304,7 +304,7 @@ def test_pareto_plot(tmp_path):
 
 def test_real_report_end_to_end(tmp_path):
     from onnx_lowrank import api
-    from onnx_lowrank.cli import compression_report
+    from onnx_lowrank.report import compression_report
 
     source = ROOT / "models" / "digits_cnn.onnx"
     output = tmp_path / "out.onnx"

@@ -138,15 +138,19 @@ def chain_costs(chain: Chain, layer: Layer) -> tuple[int, int]:
     return macs, chain.params + bias
 
 
-def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain) -> list[gs.Node]:
+def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain,
+                replace: bool = True) -> list[gs.Node]:
     """Replace `node` in `graph` by the chain's nodes and return them.
 
     New tensor and node names are `<node name>/lowrank/<index>_<kind>`; the last node keeps
     the original output tensor. The original node is detached; `graph.cleanup()` removes it.
+    With `replace=False` the chain runs beside the node instead, from the same input, into a new
+    tensor `<node name>/lowrank/probe` (to measure the chain's own error).
     """
     data_index = 1 if layer.op == "MatMul" and layer.weight_side == "left" else 0
     current = node.inputs[data_index]
-    output = node.outputs[0]
+    output = node.outputs[0] if replace else gs.Variable(f"{node.name}/lowrank/probe",
+                                                         dtype=node.outputs[0].dtype)
     bias = node.inputs[2] if len(node.inputs) > 2 and layer.bias_name else None
     prefix = f"{node.name}/lowrank"
     dtype = layer.weight.dtype
@@ -164,7 +168,8 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain) -> l
         else:
             built.append(_product_node(tag, current, result, stage, layer, last, bias, dtype))
         current = result
-    node.outputs.clear()
+    if replace:
+        node.outputs.clear()
     graph.nodes.extend(built)
     return built
 
