@@ -105,6 +105,10 @@ class Settings:
         return ImageOptions(resize=self.resize, mean=self.mean, std=self.std, layout=self.layout,
                             channel_order=self.channel_order)
 
+    def provenance(self) -> dict:
+        """The settings that decide the output model (not how fast it was made): its metadata."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("jobs", "threads")}
+
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         for key in ("tiles", "input_shape", "mean", "std"):

@@ -465,7 +465,7 @@ def _with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,
     out.CopyFrom(source)
     out.graph.CopyFrom(rewritten.graph)
     provenance = {"onnx_lowrank.version": __version__,
-                  "onnx_lowrank.settings": json.dumps(settings.to_dict(), sort_keys=True)}
+                  "onnx_lowrank.settings": json.dumps(settings.provenance(), sort_keys=True)}
     kept = [p for p in out.metadata_props if p.key not in provenance]
     del out.metadata_props[:]
     out.metadata_props.extend(kept)
