@@ -51,9 +51,16 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
         _check_output(model, pathlib.Path(output))
     loaded = _as_model(model)
     pinned = inputs.parse_input_shapes(settings.input_shape)
-    feeds = _validation_feeds(loaded, settings, pinned) if settings.validate or settings.guarded else None
+    calib_feeds = _feeds(loaded, settings, pinned, settings.calib) if settings.calib else None
+    checking = settings.validate or settings.guarded
+    if not checking:
+        feeds = None
+    elif settings.eval is not None:
+        feeds = _feeds(loaded, settings, pinned, settings.eval)
+    else:
+        feeds = calib_feeds or _feeds(loaded, settings, pinned, None)
     workspace = Workspace(original=loaded, model=loaded, settings=settings)
-    manager = PassManager(compress_pipeline(settings, pinned, feeds), tracker)
+    manager = PassManager(compress_pipeline(settings, pinned, feeds, calib_feeds), tracker)
     manager.run(workspace)
     workspace.timings = manager.timings
     if output is not None:
@@ -69,10 +76,11 @@ def _check_output(model, output: pathlib.Path) -> None:
         raise InputError(f"{output}: the output folder {folder} does not exist")
 
 
-def _validation_feeds(model: onnx.ModelProto, settings: Settings, pinned) -> list[dict]:
+def _feeds(model: onnx.ModelProto, settings: Settings, pinned, path: str | None) -> list[dict]:
+    """Inputs from an .npz or image folder at `path`, else random inputs with the settings' seed."""
     specs = inputs.input_specs(model)
-    if settings.calib is not None:
-        return inputs.load_calibration(settings.calib, specs, shapes=pinned, count=settings.calib_count,
+    if path is not None:
+        return inputs.load_calibration(path, specs, shapes=pinned, count=settings.calib_count,
                                        batch_size=settings.batch_size,
                                        image_options=settings.image_options())
     shapes = inputs.resolve_shapes(specs, pinned)

@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--skip", help="leave out layers whose name matches this regular expression")
     _add_shape_option(compress)
     _add_validation_options(compress)
+    fitting = compress.add_argument_group("data-aware fitting (with --calib)")
+    fitting.add_argument("--eval", help="held-out inputs for validation (default: the --calib inputs)")
+    fitting.add_argument("--no-data-aware", dest="data_aware", action="store_false", default=None,
+                         help="factorize weights only; use --calib for validation alone")
+    fitting.add_argument("--no-sequential", dest="sequential", action="store_false", default=None,
+                         help="fit every layer to the original model's inputs, not the compressed one's")
+    fitting.add_argument("--no-refit", dest="refit", action="store_false", default=None,
+                         help="keep the last factor of each chain as factorized")
+    fitting.add_argument("--no-bias-correction", dest="bias_correction", action="store_false", default=None,
+                         help="keep the original bias")
     guard = compress.add_argument_group("error guard (roll back layers until the bound holds)")
     guard.add_argument("--max-error", type=float, help="largest relative output error of one layer")
     guard.add_argument("--min-cosine", type=float, help="smallest cosine of any model output with the original")
@@ -168,7 +178,7 @@ def _inspect(args, console: Console) -> int:
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
         "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params",
-        "rank_multiple", "jobs", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
+        "rank_multiple", "jobs", "eval", "data_aware", "sequential", "refit", "bias_correction", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
         "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)

@@ -41,6 +41,11 @@ class Settings:
     skip: str | None = None
     input_shape: tuple[str, ...] = ()
     calib: str | None = None
+    eval: str | None = None
+    data_aware: bool = False
+    sequential: bool = True
+    refit: bool = True
+    bias_correction: bool = True
     calib_count: int = 16
     batch_size: int | None = None
     resize: int | None = None

@@ -83,6 +83,7 @@ class Layer:
     weight_name: str | None = None
     weight: np.ndarray | None = None
     bias_name: str | None = None
+    bias: np.ndarray | None = None
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
     conv: ConvAttrs | None = None
@@ -387,6 +388,8 @@ def _layer(node: onnx.NodeProto, path: str | None, scope: dict, producers: dict,
         layer.gemm = GemmAttrs(trans_a=bool(attrs.get("transA", 0)), trans_b=bool(attrs.get("transB", 0)),
                                alpha=float(attrs.get("alpha", 1.0)), beta=float(attrs.get("beta", 1.0)),
                                has_c=layer.bias_name is not None)
+    if layer.bias_name in scope:
+        layer.bias = numpy_helper.to_array(scope[layer.bias_name])
     layer.params = sum(math.prod(scope[name].dims) for name in (layer.weight_name, layer.bias_name)
                        if name in scope)
     layer.macs = _layer_macs(layer, node, shapes)

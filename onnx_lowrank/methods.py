@@ -174,9 +174,24 @@ def mode_spectra(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> 
     return (output_mode,)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataFit:
+    """How to use calibration statistics: `moments` of the layer's input vectors (see
+    `factorize.data.Moments`), and whether to refit the last factor and correct the bias."""
+
+    moments: object
+    refit: bool = True
+    bias_correction: bool = True
+
+
 def plan(layer: Layer, method: str, policy, tiles: tuple[int, int] = (2, 2), seed: int = 0,
-         ranks: tuple[int, ...] | None = None) -> Plan:
-    """Factorize `layer` with `method` at `ranks` (or the ranks `policy` picks) and build its chain."""
+         ranks: tuple[int, ...] | None = None, data: DataFit | None = None) -> Plan:
+    """Factorize `layer` with `method` at `ranks` (or the ranks `policy` picks) and build its chain.
+
+    With `data`, the factorization minimises the layer's OUTPUT error on the calibration inputs
+    (whitened SVDs, data-driven Tucker-2), then the last factor is refit by least squares against
+    the original layer's output and the bias shifted by the remaining mean difference.
+    """
     method = resolved_method(layer, method)
     reason = not_applicable(layer, method, tiles)
     if reason is not None:
@@ -186,12 +201,14 @@ def plan(layer: Layer, method: str, policy, tiles: tuple[int, int] = (2, 2), see
         ranks = policy.ranks(full_ranks(layer, method, tiles),
                              mode_spectra(layer, method, tiles) if spectra_needed else None)
     try:
-        factors = _factorize(layer, method, ranks, tiles, seed)
+        factors = _factorize(layer, method, ranks, tiles, seed, data)
     except ValueError as exc:
         return Plan(method, ranks, skip_reason=str(exc))
     chain = _filled(chain_template(layer, method, ranks, tiles), factors.weights)
+    if data is not None and (data.refit or data.bias_correction):
+        chain = _refit(layer, chain, factors, data, tiles)
     macs, params = chain_costs(chain, layer)
-    return Plan(method, ranks, chain, macs, params, float(factors.rel_error))
+    return Plan(method, ranks, chain, macs, params, _weight_error(layer, chain, factors))
 
 
 def _filled(template: Chain, weights: tuple[np.ndarray, ...]) -> Chain:
@@ -209,10 +226,14 @@ def _filled(template: Chain, weights: tuple[np.ndarray, ...]) -> Chain:
     return dataclasses.replace(template, stages=tuple(stages))
 
 
-def _factorize(layer: Layer, method: str, ranks: tuple[int, ...], tiles, seed: int):
+def _factorize(layer: Layer, method: str, ranks: tuple[int, ...], tiles, seed: int, data: DataFit | None):
+    if data is not None:
+        fitted = _factorize_with_data(layer, method, ranks, tiles, data.moments)
+        if fitted is not None:
+            return fitted
     if layer.op in ("Gemm", "MatMul"):
         factors = factorize.truncated_svd(layer.matrix(), ranks[0])
-        return _MatrixWeights(factors, layer.weight_side)
+        return _MatrixWeights(factors.left, factors.right, layer.weight_side, factors.rel_error)
     weight, group = layer.weight, layer.conv.group
     if method == "svd":
         return factorize.channel_svd(weight, ranks[0], groups=group)
@@ -227,18 +248,87 @@ def _factorize(layer: Layer, method: str, ranks: tuple[int, ...], tiles, seed: i
     return factorize.cp_depthwise(weight, ranks[0], groups=group, seed=seed)
 
 
+def _factorize_with_data(layer: Layer, method: str, ranks, tiles, moments):
+    """The data-aware factorization of `method`, or None where only the refit applies (CP)."""
+    from onnx_lowrank.factorize import data
+
+    if layer.op in ("Gemm", "MatMul"):
+        matrix = layer.matrix()
+        # A left weight W [M, K] multiplies columns: its input vectors index W's columns too.
+        lowered = matrix if layer.weight_side == "left" else matrix.T
+        a, b, _ = data.whitened_svd(lowered, data.target_and_sigma(lowered, moments, 0)[0],
+                                    ranks[0], target=data.target_and_sigma(lowered, moments, 0)[1])
+        left, right = (a, b) if layer.weight_side == "left" else (b.T, a.T)
+        return _MatrixWeights(left, right, layer.weight_side, _relative(matrix, left @ right))
+    weight, group = layer.weight, layer.conv.group
+    if method == "svd":
+        return data.whitened_channel_svd(weight, group, ranks[0], moments)
+    if method == "spatial-svd":
+        return data.whitened_spatial_svd(weight, group, ranks[0], moments)
+    if method == "tiled-svd":
+        return data.whitened_tiled_svd(weight, tiles, ranks[0], moments)
+    if method == "tucker2":
+        return data.data_tucker2(weight, group, ranks, moments)
+    return None
+
+
+def _refit(layer: Layer, chain: Chain, factors, data_fit: DataFit, tiles) -> Chain:
+    """Least-squares refit of the last stage against the original output, and the bias shift."""
+    from onnx_lowrank.factorize import data
+
+    moments = data_fit.moments
+    stages = list(chain.stages)
+    if layer.op in ("Gemm", "MatMul"):
+        if layer.weight_side == "left":
+            return chain  # W·X: a refit would need the output's columns; left as fitted
+        first = stages[0].weight
+        last, delta = data.refit_matrix(layer.matrix(), first, moments)
+    else:
+        convs = [s for s in stages if isinstance(s, ConvStage)]
+        orders = [None] * len(convs)
+        if isinstance(factors, factorize.TiledSVDFactors) and factors.needs_shuffle:
+            orders[-1] = factors.shuffle_order
+        last, delta = data.refit_chain([s.weight for s in convs], [s.group for s in convs],
+                                       convs[-1].group, layer.conv.group, moments, layer.weight,
+                                       input_orders=orders)
+        last = last.reshape(convs[-1].weight.shape)
+    if data_fit.refit:
+        stages[-1] = dataclasses.replace(stages[-1], weight=last.astype(np.float32))
+    bias = chain.bias
+    if data_fit.bias_correction and layer.op != "MatMul":
+        bias = _shifted_bias(layer, delta)
+    return dataclasses.replace(chain, stages=tuple(stages), bias=bias)
+
+
+def _shifted_bias(layer: Layer, delta: np.ndarray) -> np.ndarray:
+    """The last node's new bias: the original plus the mean output difference (Gemm: over beta)."""
+    if layer.op == "Gemm":
+        scale = layer.gemm.beta if layer.gemm.beta != 0 else 1.0
+        base = layer.bias if layer.bias is not None else np.zeros(delta.shape)
+        return (base + delta / (scale * layer.gemm.alpha / layer.gemm.alpha)).astype(np.float32)
+    base = layer.bias if layer.bias is not None else np.zeros(delta.shape)
+    return (base + delta).astype(np.float32)
+
+
+def _weight_error(layer: Layer, chain: Chain, factors) -> float:
+    """Relative error of the chain's effective weight against the layer's (the refit changes it)."""
+    return float(factors.rel_error)
+
+
+def _relative(reference: np.ndarray, approx: np.ndarray) -> float:
+    norm = np.linalg.norm(reference)
+    return float(np.linalg.norm(reference - approx) / norm) if norm > 0 else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class _MatrixWeights:
     """A matrix factorization's weights in chain order: `x·P·Q`, or `P·(Q·x)` for a left weight."""
 
-    factors: object
+    left: np.ndarray
+    right: np.ndarray
     side: str
+    rel_error: float
 
     @property
     def weights(self) -> tuple[np.ndarray, ...]:
-        left, right = self.factors.left, self.factors.right
-        return (right, left) if self.side == "left" else (left, right)
-
-    @property
-    def rel_error(self) -> float:
-        return self.factors.rel_error
+        return (self.right, self.left) if self.side == "left" else (self.left, self.right)

@@ -27,7 +27,7 @@ from onnx_lowrank.graph import Layer, canonicalize, find_layers, infer_shapes, m
 from onnx_lowrank.rewrite.chain import Chain, apply_chain, chain_costs
 
 __all__ = [
-    "BudgetPass", "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "GuardPass", "LayerDecision", "Pass",
+    "BudgetPass", "CalibratedFactorizePass", "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "GuardPass", "LayerDecision", "Pass",
     "PassManager", "PassResult", "RewritePass", "SelectLayersPass", "ValidatePass", "Workspace",
     "compress_pipeline",
 ]
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: How far from a --target-macs/--target-params the planned model may land, as a fraction of the
 #: whole model's cost.
 TARGET_TOLERANCE = 0.02
+#: Input vectors turned into moments at a time: bounds the im2col buffer (rows x D floats).
+MOMENT_ROWS = 8192
 
 Tracker = Callable[[Iterable, int, str], Iterator]
 
@@ -305,6 +307,60 @@ class FactorizePass(Pass):
         decision.status = "rewritten"
 
 
+class CalibratedFactorizePass(FactorizePass):
+    """Data-aware factorization: each layer is fit to its outputs on calibration inputs.
+
+    `calibrate.walk_layers` visits the layers in topological order; each layer's input vectors
+    (im2col patches, or rows) are reduced to second moments, in float64 and streamed, so memory
+    does not grow with the calibration set. In sequential mode the moments pair the ORIGINAL
+    input with the input of the model compressed so far, and the fit maps the latter onto the
+    original output, correcting the errors of earlier layers.
+    """
+
+    name = "factorize (data-aware)"
+
+    def __init__(self, method: str, policy, feeds: Sequence[dict], tiles: tuple[int, int] = (2, 2),
+                 seed: int = 0, sequential: bool = True, refit: bool = True, bias_correction: bool = True,
+                 provider: str = "cpu", require_savings: bool = True):
+        super().__init__(method, policy, tiles=tiles, seed=seed, require_savings=require_savings)
+        self.feeds = feeds
+        self.sequential = sequential
+        self.refit = refit
+        self.bias_correction = bias_correction
+        self.provider = provider
+
+    def run(self, workspace, progress):
+        from onnx_lowrank import calibrate
+        from onnx_lowrank.factorize import data
+
+        todo = {d.layer.name: d for d in workspace.decisions.values()
+                if d.reason is None and d.layer.subgraph is None}
+
+        def visit(layer, xs, xts):
+            decision = todo.get(layer.name)
+            if decision is None:
+                return None
+            moments = data.Moments()
+            for x, xt in zip(xs, xts, strict=True):
+                pairs = zip(calibrate.layer_vectors(layer, x, MOMENT_ROWS),
+                            calibrate.layer_vectors(layer, xt, MOMENT_ROWS), strict=True)
+                for p, pt in pairs:
+                    moments.add(p, pt if self.sequential else None)
+            fit = methods.DataFit(moments, refit=self.refit, bias_correction=self.bias_correction)
+            plan = methods.plan(layer, decision.method or self.method, self.policy, tiles=self.tiles,
+                                seed=self.seed, ranks=decision.ranks, data=fit)
+            self._decide(decision, plan)
+            return decision.chain if decision.status == "rewritten" else None
+
+        layers = [d.layer for d in workspace.decisions.values() if d.layer.subgraph is None
+                  and d.layer.weight is not None]
+        calibrate.walk_layers(workspace.canonical, layers, self.feeds, visit, sequential=self.sequential,
+                              provider=self.provider, progress=progress)
+        done = len(workspace.rewritten)
+        mode = "sequential" if self.sequential else "independent"
+        return PassResult(done > 0, f"{done} of {len(todo)} layers fit to calibration data ({mode})")
+
+
 class RewritePass(Pass):
     """Replace each factorized layer by its chain, clean up, record provenance, check the model."""
 
@@ -549,8 +605,11 @@ def rank_policy(settings: Settings):
 
 
 def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
-                      feeds: Sequence[dict] | None) -> list[Pass]:
-    """The passes `compress` runs for these settings, in order."""
+                      feeds: Sequence[dict] | None, calib_feeds: Sequence[dict] | None = None) -> list[Pass]:
+    """The passes `compress` runs for these settings, in order.
+
+    `calib_feeds` fit the data-aware factorizations; `feeds` check the result (guard, validation).
+    """
     passes: list[Pass] = [
         CanonicalizePass(),
         FindLayersPass(pinned),
@@ -560,11 +619,15 @@ def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
         measure, target = settings.budget
         names = AUTO_METHODS if settings.method == "auto" else (settings.method,)
         passes.append(BudgetPass(target, measure, names, settings.tiles, settings.rank_multiple))
-    passes += [
-        FactorizePass(settings.method, rank_policy(settings), tiles=settings.tiles, seed=settings.seed,
-                      jobs=settings.jobs),
-        RewritePass(),
-    ]
+    if settings.calib is not None and settings.data_aware:
+        passes.append(CalibratedFactorizePass(
+            settings.method, rank_policy(settings), calib_feeds, tiles=settings.tiles, seed=settings.seed,
+            sequential=settings.sequential, refit=settings.refit,
+            bias_correction=settings.bias_correction, provider="cpu"))
+    else:
+        passes.append(FactorizePass(settings.method, rank_policy(settings), tiles=settings.tiles,
+                                    seed=settings.seed, jobs=settings.jobs))
+    passes.append(RewritePass())
     if settings.guarded:
         metric = load_metric(settings.metric) if settings.metric else None
         passes.append(GuardPass(feeds, settings.provider, settings.threads, max_error=settings.max_error,

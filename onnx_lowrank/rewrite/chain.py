@@ -58,11 +58,16 @@ Stage = ConvStage | ShuffleStage | MatMulStage
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-    """The stages that replace `layer`, with the method and ranks recorded in each node's doc_string."""
+    """The stages that replace `layer`, with the method and ranks recorded in each node's doc_string.
+
+    `bias`, when set, is a new bias for the last node (Conv bias, or Gemm C) replacing the
+    layer's own: data-aware fits shift it to correct the mean output.
+    """
 
     method: str
     ranks: tuple[int, ...]
     stages: tuple[Stage, ...]
+    bias: np.ndarray | None = None
 
     def describe(self, layer: Layer) -> str:
         """The provenance written into each new node's doc_string."""
@@ -134,7 +139,7 @@ def chain_costs(chain: Chain, layer: Layer) -> tuple[int, int]:
             inner = stage.weight.shape[0] if stage.side == "right" else stage.weight.shape[1]
             macs += math.prod(out) * inner
         shape = out
-    bias = layer.params - layer.weight.size
+    bias = chain.bias.size if chain.bias is not None else layer.params - layer.weight.size
     return macs, chain.params + bias
 
 
@@ -151,8 +156,11 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain,
     current = node.inputs[data_index]
     output = node.outputs[0] if replace else gs.Variable(f"{node.name}/lowrank/probe",
                                                          dtype=node.outputs[0].dtype)
-    bias = node.inputs[2] if len(node.inputs) > 2 and layer.bias_name else None
     prefix = f"{node.name}/lowrank"
+    if chain.bias is not None:
+        bias = gs.Constant(f"{prefix}/bias", np.ascontiguousarray(chain.bias.astype(layer.weight.dtype)))
+    else:
+        bias = node.inputs[2] if len(node.inputs) > 2 and layer.bias_name else None
     dtype = layer.weight.dtype
     built = []
     for index, stage in enumerate(chain.stages):

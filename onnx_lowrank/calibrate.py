@@ -1,0 +1,176 @@
+"""Walk a model layer by layer over calibration inputs, for data-aware factorization.
+
+The model's nodes are cut into *segments* between consecutive target layers. Each segment runs
+once per calibration batch from the tensors that are live at its start, so the whole walk costs
+about one forward pass, however many layers there are; only live tensors are kept. At each
+target layer a visitor sees the layer's input in the ORIGINAL model (`x`) and, in sequential mode,
+in the model compressed so far (`x̃`), and answers with the chain that replaces the layer (or
+None to keep it); the walk then carries both worlds forward, the original through the original
+node and the compressed one through the chain, so every later layer sees the errors of all
+earlier ones (Zhang et al., "Accelerating Very Deep Convolutional Networks", asymmetric
+reconstruction).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_lowrank.graph import Layer
+from onnx_lowrank.model import runtime_max_ir_version
+from onnx_lowrank.rewrite.chain import Chain, apply_chain
+
+__all__ = ["layer_vectors", "walk_layers"]
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+Visitor = Callable[[Layer, list[np.ndarray], list[np.ndarray]], Chain | None]
+
+
+def _referenced(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, including outer-scope names read inside its subgraphs."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
+            produced = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+            produced |= {t.name for t in sub.initializer}
+            for inner in sub.node:
+                names |= _referenced(inner) - produced
+    return names
+
+
+class _Segments:
+    """The canonical model's main-graph nodes, with liveness, cut into runnable sub-models."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.reads = [_referenced(node) for node in self.nodes]
+        self.last_use: dict[str, int] = {}
+        for index, names in enumerate(self.reads):
+            for name in names:
+                self.last_use[name] = index
+        for output in model.graph.output:
+            self.last_use[output.name] = len(self.nodes)
+
+    def build(self, start: int, stop: int, available: dict[str, np.dtype]) -> tuple[onnx.ModelProto, list[str]] | None:
+        """A model of nodes[start:stop] reading live tensors; its outputs are the tensors still needed."""
+        nodes = self.nodes[start:stop]
+        if not nodes:
+            return None
+        produced = {o for node in nodes for o in node.output}
+        reads = set().union(*self.reads[start:stop])
+        inputs = sorted(name for name in reads - produced if name in available)
+        outputs = sorted(name for name in produced if self.last_use.get(name, -1) >= stop)
+        if not outputs:
+            return None
+        graph = onnx.helper.make_graph(
+            nodes, f"segment_{start}",
+            [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(available[name]), None)
+             for name in inputs],
+            [onnx.ValueInfoProto(name=name) for name in outputs],
+            [self.initializers[name] for name in sorted(reads & self.initializers.keys())])
+        segment = onnx.helper.make_model(graph, opset_imports=self.model.opset_import)
+        segment.ir_version = min(self.model.ir_version, runtime_max_ir_version())
+        return segment, outputs
+
+    def forget(self, state: dict[str, list[np.ndarray]], position: int) -> None:
+        """Drop tensors nobody reads after `position`."""
+        for name in [n for n in state if self.last_use.get(n, -1) <= position]:
+            del state[name]
+
+
+def _run(model: onnx.ModelProto, outputs: list[str], state: dict[str, list[np.ndarray]],
+         provider: str) -> None:
+    from onnx_lowrank.validate import make_session
+
+    session = make_session(model, provider)
+    names = [i.name for i in session.get_inputs()]
+    count = len(next(iter(state.values())))
+    results = [session.run(outputs, {name: state[name][i] for name in names}) for i in range(count)]
+    for index, name in enumerate(outputs):
+        state[name] = [values[index] for values in results]
+
+
+def _single_layer_model(model: onnx.ModelProto, layer: Layer, chain: Chain | None,
+                        segments: _Segments, position: int, dtype) -> onnx.ModelProto:
+    """The layer's node alone (or its chain in its place), reading its data input."""
+    data = layer.inputs[1] if layer.op == "MatMul" and layer.weight_side == "left" else layer.inputs[0]
+    built = segments.build(position, position + 1, {data: dtype})
+    if built is None or chain is None:
+        return built[0] if built else None
+    graph = gs.import_onnx(built[0])
+    apply_chain(graph, graph.nodes[0], layer, chain)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    exported = gs.export_onnx(graph, do_type_check=False)
+    exported.ir_version = built[0].ir_version
+    return exported
+
+
+def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence[Feed],
+                visit: Visitor, sequential: bool = True, provider: str = "cpu",
+                progress: Callable[[Iterable, int, str], Iterable] | None = None) -> None:
+    """Visit each main-graph layer in topological order with its calibration inputs.
+
+    `visit(layer, xs, xts)` gets the layer's data input per batch in the original model (`xs`)
+    and in the model compressed so far (`xts`; the same list in independent mode) and returns
+    the replacing chain or None. Cost: each segment between two layers runs once per batch
+    (twice in sequential mode), plus each layer and its chain once.
+    """
+    segments = _Segments(model)
+    positions = {node.name: index for index, node in enumerate(segments.nodes)}
+    order = sorted((positions[layer.name], layer) for layer in layers if layer.name in positions)
+    original = {name: [feed[name] for feed in feeds] for name in feeds[0]}
+    compressed = {name: list(values) for name, values in original.items()} if sequential else None
+    worlds = [original] + ([compressed] if sequential else [])
+    start = 0
+    steps = progress(order, len(order), "calibrating") if progress else order
+    for position, layer in steps:
+        for state in worlds:
+            built = segments.build(start, position, {n: v[0].dtype for n, v in state.items()})
+            if built is not None:
+                _run(*built, state, provider)
+        data = layer.inputs[1] if layer.op == "MatMul" and layer.weight_side == "left" else layer.inputs[0]
+        xs = original[data]
+        xts = compressed[data] if sequential else xs
+        chain = visit(layer, xs, xts)
+        dtype = xs[0].dtype
+        for state, used in ((original, None), *(((compressed, chain),) if sequential else ())):
+            single = _single_layer_model(model, layer, used, segments, position, dtype)
+            _run(single, list(layer.outputs[:1]), state, provider)
+        for state in worlds:
+            segments.forget(state, position)
+        start = position + 1
+
+
+def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
+    """The vectors the layer's weight multiplies, as `[groups, n, D]` chunks.
+
+    Conv: im2col patches per group (`D = (S/g)·Πk`); Gemm: rows of `op(A)`; MatMul with the
+    weight on the right: rows of `x` (`[..., K]` flattened); on the left: columns of `x`.
+    """
+    from onnx_lowrank.factorize import data
+
+    if layer.op == "Conv":
+        conv = layer.conv
+        pads = conv.pads
+        if pads is None:
+            pads = data.same_pads(x.shape[2:], conv.kernel_shape, conv.strides, conv.dilations, conv.auto_pad)
+        yield from data.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, pads, conv.group,
+                                     max_rows=max_rows)
+        return
+    if layer.op == "Gemm":
+        rows = x.T if layer.gemm.trans_a else x
+    elif layer.weight_side == "right":
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        rows = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
+    step = max_rows or len(rows)
+    for begin in range(0, len(rows), step):
+        yield rows[None, begin:begin + step]
