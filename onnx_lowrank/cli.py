@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="automatic ranks are multiples of N (default 16: onnxruntime's CPU conv block)")
     compress.add_argument("--jobs", type=int, help="factorize layers in N processes")
     compress.add_argument("--tiles", type=parse_tiles, help="tile grid AxB for tiled-svd (default 2x2)")
+    compress.add_argument("--keep-structure", action="store_true", default=None,
+                          help="keep the graph: replace each weight by its low-rank reconstruction")
     compress.add_argument("--layers", help="only layers whose name matches this regular expression")
     compress.add_argument("--skip", help="leave out layers whose name matches this regular expression")
     _add_shape_option(compress)
@@ -178,7 +180,7 @@ def _inspect(args, console: Console) -> int:
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
         "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params",
-        "rank_multiple", "jobs", "eval", "data_aware", "sequential", "refit", "bias_correction", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
+        "rank_multiple", "jobs", "keep_structure", "eval", "data_aware", "sequential", "refit", "bias_correction", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
         "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)

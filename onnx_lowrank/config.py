@@ -37,6 +37,7 @@ class Settings:
     rank_multiple: int = 16
     jobs: int = 1
     tiles: tuple[int, int] = (2, 2)
+    keep_structure: bool = False
     layers: str | None = None
     skip: str | None = None
     input_shape: tuple[str, ...] = ()

@@ -23,7 +23,7 @@ from onnx_lowrank.graph import Layer
 from onnx_lowrank.ranks import ModeSpectrum
 from onnx_lowrank.rewrite.chain import Chain, ConvStage, MatMulStage, ShuffleStage, chain_costs
 
-__all__ = ["METHOD_NAMES", "Plan", "chain_template", "full_ranks", "mode_spectra", "not_applicable",
+__all__ = ["METHOD_NAMES", "DataFit", "Plan", "chain_kernel", "chain_template", "full_ranks", "mode_spectra", "not_applicable",
            "plan", "resolved_method"]
 
 
@@ -311,8 +311,36 @@ def _shifted_bias(layer: Layer, delta: np.ndarray) -> np.ndarray:
 
 
 def _weight_error(layer: Layer, chain: Chain, factors) -> float:
-    """Relative error of the chain's effective weight against the layer's (the refit changes it)."""
-    return float(factors.rel_error)
+    """Relative error of the chain's effective weight against the layer's (a refit changes it)."""
+    return _relative(layer.weight.astype(np.float64), chain_kernel(layer, chain))
+
+
+def chain_kernel(layer: Layer, chain: Chain) -> np.ndarray:
+    """The single weight the chain computes, in the layer's own weight layout (float64).
+
+    Conv chains compose stage by stage (`factorize.compose_chain`: stride-1 cross-correlations
+    compose into one kernel; the tiled shuffle is a channel permutation); matrix chains multiply.
+    """
+    if layer.op in ("Gemm", "MatMul"):
+        first, second = (stage.weight.astype(np.float64) for stage in chain.stages)
+        matrix = second @ first if layer.weight_side == "left" else first @ second
+        return matrix.T if layer.op == "Gemm" and layer.gemm.trans_b else matrix
+    convs, orders, shuffle = [], [], None
+    for stage in chain.stages:
+        if isinstance(stage, ShuffleStage):
+            shuffle = _shuffle_order(stage)
+        else:
+            convs.append(stage)
+            orders.append(shuffle)
+            shuffle = None
+    return factorize.compose_chain([s.weight.astype(np.float64) for s in convs], [s.group for s in convs],
+                                   groups=layer.conv.group, input_orders=orders)
+
+
+def _shuffle_order(stage: ShuffleStage) -> np.ndarray:
+    """Channel c after the shuffle reads channel order[c] before it: `(i, j, q) <- (j, i, q)`."""
+    a, b, r = stage.inner, stage.outer, stage.per
+    return np.arange(b * a * r).reshape(b, a, r).transpose(1, 0, 2).reshape(-1)
 
 
 def _relative(reference: np.ndarray, approx: np.ndarray) -> float:

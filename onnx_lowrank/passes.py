@@ -18,12 +18,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from onnx_lowrank import __version__, methods, ranks
 from onnx_lowrank.config import AUTO_METHODS, Settings
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.graph import Layer, canonicalize, find_layers, infer_shapes, iter_graphs, model_totals
 from onnx_lowrank.metrics import load_metric
-from onnx_lowrank.graph import Layer, canonicalize, find_layers, infer_shapes, model_totals
 from onnx_lowrank.rewrite.chain import Chain, apply_chain, chain_costs
 
 __all__ = [
@@ -369,10 +370,48 @@ class RewritePass(Pass):
     def run(self, workspace, progress):
         if not workspace.rewritten:
             return PassResult(False, "nothing to rewrite")
-        workspace.model = rewritten_model(workspace)
+        if workspace.settings.keep_structure:
+            workspace.model = projected_model(workspace)
+            summary = f"{len(workspace.rewritten)} layers given low-rank weights, graph kept"
+        else:
+            workspace.model = rewritten_model(workspace)
+            summary = f"{len(workspace.rewritten)} layers replaced by chains"
         if _passes_checker(workspace.original):
             onnx.checker.check_model(workspace.model)
-        return PassResult(True, f"{len(workspace.rewritten)} layers replaced by chains")
+        return PassResult(True, summary)
+
+
+def projected_model(workspace: Workspace) -> onnx.ModelProto:
+    """The canonical model with each factorized layer's weight replaced by its chain's kernel.
+
+    Same nodes, same cost: the projection step of low-rank-aware training (Lee et al.,
+    DeepTwist). A data-aware bias shift replaces the bias too. New initializers are named after
+    the node, so a weight shared with other nodes stays as it is for them.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(workspace.canonical)
+    nodes = {node.name: node for node in model.graph.node}
+    for decision in workspace.rewritten:
+        layer, node = decision.layer, nodes[decision.layer.name]
+        kernel = methods.chain_kernel(layer, decision.chain).astype(layer.weight.dtype)
+        weight_name = f"{layer.name}/lowrank/projected_weight"
+        model.graph.initializer.append(numpy_helper.from_array(kernel, weight_name))
+        position = list(node.input).index(layer.weight_name)
+        node.input[position] = weight_name
+        if decision.chain.bias is not None:
+            bias_name = f"{layer.name}/lowrank/projected_bias"
+            model.graph.initializer.append(
+                numpy_helper.from_array(decision.chain.bias.astype(layer.weight.dtype), bias_name))
+            if len(node.input) > 2:
+                node.input[2] = bias_name
+            else:
+                node.input.append(bias_name)
+        decision.macs_after, decision.params_after = layer.macs, layer.params
+    used = {name for graph, _ in iter_graphs(model.graph) for n in graph.node for name in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return _with_model_fields(workspace.canonical, model, workspace.settings)
 
 
 def rewritten_model(workspace: Workspace) -> onnx.ModelProto:

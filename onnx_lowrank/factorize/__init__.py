@@ -8,6 +8,7 @@ This package never imports onnx.
 
 from .base import ConvFactors, Factors, compose_chain
 from .cp import CPFactors, cp, cp_depthwise
+from .project import project
 from .svd import MatrixFactors, SVDFactors, TiledSVDFactors, channel_svd, spatial_svd, tiled_svd, truncated_svd
 from .tucker import TuckerFactors, hosvd_error_bound, tucker2
 
@@ -24,6 +25,7 @@ __all__ = [
     "cp",
     "cp_depthwise",
     "hosvd_error_bound",
+    "project",
     "spatial_svd",
     "tiled_svd",
     "truncated_svd",
