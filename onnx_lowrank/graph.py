@@ -48,6 +48,8 @@ class ConvAttrs:
     pads: tuple[int, ...] | None
     auto_pad: str
     group: int
+    output_padding: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -383,7 +385,9 @@ def _layer(node: onnx.NodeProto, path: str | None, scope: dict, producers: dict,
             pads=None if attrs.get("auto_pad", b"NOTSET").decode() not in ("NOTSET", "VALID")
             else tuple(attrs.get("pads", [0] * (2 * n))),
             auto_pad=attrs.get("auto_pad", b"NOTSET").decode(),
-            group=int(attrs.get("group", 1)))
+            group=int(attrs.get("group", 1)),
+            output_padding=tuple(attrs["output_padding"]) if "output_padding" in attrs else None,
+            output_shape=tuple(attrs["output_shape"]) if "output_shape" in attrs else None)
     if node.op_type == "Gemm":
         layer.gemm = GemmAttrs(trans_a=bool(attrs.get("transA", 0)), trans_b=bool(attrs.get("transB", 0)),
                                alpha=float(attrs.get("alpha", 1.0)), beta=float(attrs.get("beta", 1.0)),
@@ -431,12 +435,11 @@ def _skip_reason(layer: Layer, node: onnx.NodeProto, scope: dict, producers: dic
     data_source = producers.get(node.input[0 if layer.weight_side == "right" else 1])
     if data_source is not None and data_source.op_type == "DequantizeLinear":
         return "QDQ-quantized input: factorizing would drop its quantization"
-    if layer.op == "ConvTranspose":
-        return "ConvTranspose: no rewrite for it yet"
-    if layer.op == "Conv":
+    if layer.op in ("Conv", "ConvTranspose"):
         if layer.weight.ndim < 3 or layer.weight.ndim > 5:
             return f"{layer.weight.ndim - 2}-D convolution: only 1-D, 2-D and 3-D are supported"
-        if layer.weight.shape[1] == 1 and layer.conv.group > 1:
+        per_group = layer.weight.shape[1] if layer.op == "Conv" else layer.weight.shape[0] // layer.conv.group
+        if per_group == 1 and layer.conv.group > 1:
             return "depthwise convolution: one input channel per group, no channel mode to factorize"
         if layer.bias_name is not None and layer.bias_name not in scope:
             return "bias computed at run time, not a constant"
@@ -445,7 +448,7 @@ def _skip_reason(layer: Layer, node: onnx.NodeProto, scope: dict, producers: dic
     if layer.op == "Gemm" and layer.gemm.has_c and layer.bias_name not in scope:
         return "bias C computed at run time, not a constant"
     lowered = (layer.weight.shape[0] // layer.conv.group, math.prod(layer.weight.shape[1:])) \
-        if layer.op == "Conv" else layer.matrix().shape
+        if layer.conv is not None else layer.matrix().shape
     if min(lowered) < 2:
         return f"weight matrix {lowered[0]}x{lowered[1]} has rank 1 at most: nothing to factorize"
     if layer.macs is None:

@@ -45,10 +45,26 @@ def _is_pointwise(layer: Layer) -> bool:
 
 
 def resolved_method(layer: Layer, method: str) -> str:
-    """The method actually used: "svd" for matrix layers and pointwise convolutions."""
+    """The method actually used: "svd" for matrix layers and pointwise convolutions; a
+    ConvTranspose takes "tucker2" for every method but "svd" (its two exact rewrites)."""
     if layer.op in ("Gemm", "MatMul") or _is_pointwise(layer):
         return "svd"
+    if layer.op == "ConvTranspose" and method != "svd":
+        return "tucker2"
     return method
+
+
+def _swap_channels(weight: np.ndarray, groups: int) -> np.ndarray:
+    """`[g·A, B, k..]` -> `[g·B, A, k..]`, swapping the two channel axes within each group:
+    a ConvTranspose weight `[S, T/g, k..]` becomes the Conv-layout `[T, S/g, k..]` and back."""
+    a, b = weight.shape[0] // groups, weight.shape[1]
+    blocks = weight.reshape(groups, a, b, *weight.shape[2:])
+    return np.ascontiguousarray(np.swapaxes(blocks, 1, 2).reshape(groups * b, a, *weight.shape[2:]))
+
+
+def _conv_layout(layer: Layer) -> np.ndarray:
+    """The layer's kernel as `[T, S/g, k..]` (a ConvTranspose's channel axes swapped per group)."""
+    return _swap_channels(layer.weight, layer.conv.group) if layer.op == "ConvTranspose" else layer.weight
 
 
 def full_ranks(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> tuple[int, ...]:
@@ -61,7 +77,10 @@ def full_ranks(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> tu
     method = resolved_method(layer, method)
     if layer.op in ("Gemm", "MatMul"):
         return (min(layer.matrix().shape),)
-    t, s_g, *kernel = layer.weight.shape
+    if layer.op == "ConvTranspose" and method == "svd":
+        s, t_g, *kernel = layer.weight.shape
+        return (min(s // layer.conv.group, t_g * math.prod(kernel)),)
+    t, s_g, *kernel = _conv_layout(layer).shape
     t_g = t // layer.conv.group
     if method == "svd":
         return (min(t_g, s_g * math.prod(kernel)),)
@@ -116,8 +135,10 @@ def chain_template(layer: Layer, method: str, ranks: tuple[int, ...],
         else:
             stages = (MatMulStage(_placeholder(rows, r)), MatMulStage(_placeholder(r, cols)))
         return Chain(method, ranks, stages)
-    t, s_g, *kernel = layer.weight.shape
     g = layer.conv.group
+    if layer.op == "ConvTranspose":
+        return Chain(method, ranks, _transpose_stages(layer, method, ranks))
+    t, s_g, *kernel = layer.weight.shape
     ones = [1] * len(kernel)
     if method in ("svd", "spatial-svd"):
         (r,) = ranks
@@ -151,6 +172,27 @@ def chain_template(layer: Layer, method: str, ranks: tuple[int, ...],
     return Chain(method, ranks, stages)
 
 
+def _transpose_stages(layer: Layer, method: str, ranks: tuple[int, ...]) -> tuple[ConvStage, ...]:
+    """ConvTranspose chains, mirroring the Conv ones: pointwise convs at the input resolution
+    and/or the output resolution around one ConvTranspose carrying the original geometry.
+
+    svd: `W[s, (t, k)] ≈ Σ_r P[s, r] F[r, t, k]` -> Conv1x1 `[g·r, S/g, 1..]`, ConvTranspose
+    `[g·r, T/g, k..]`. tucker2: `W[s, t, k] ≈ Σ V[s, rs] G[rs, rt, k] U[t, rt]` -> Conv1x1
+    `[g·Rs, S/g, 1..]`, ConvTranspose `[g·Rs, Rt, k..]`, Conv1x1 `[T, Rt, 1..]`.
+    """
+    s, t_g, *kernel = layer.weight.shape
+    g = layer.conv.group
+    ones = [1] * len(kernel)
+    if method == "svd":
+        (r,) = ranks
+        return (ConvStage(_placeholder(g * r, s // g, *ones), g, "point"),
+                ConvStage(_placeholder(g * r, t_g, *kernel), g, "full", transpose=True))
+    rt, rs = ranks
+    return (ConvStage(_placeholder(g * rs, s // g, *ones), g, "point"),
+            ConvStage(_placeholder(g * rs, rt, *kernel), g, "full", transpose=True),
+            ConvStage(_placeholder(t_g * g, rt, *ones), g, "point"))
+
+
 def mode_spectra(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> tuple[ModeSpectrum, ...]:
     """Per factorized mode (as in `full_ranks`), the singular values it truncates, per group.
 
@@ -160,7 +202,10 @@ def mode_spectra(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> 
     method = resolved_method(layer, method)
     if layer.op in ("Gemm", "MatMul"):
         return (ModeSpectrum(tuple(spectra.matrix_spectrum(layer.matrix())), layer.matrix().shape),)
-    weight, g = layer.weight, layer.conv.group
+    weight, g = _conv_layout(layer), layer.conv.group
+    if layer.op == "ConvTranspose" and method == "svd":
+        s, t_g, *kernel = layer.weight.shape
+        return (ModeSpectrum(tuple(spectra.lowered_spectra(layer.weight, g)), (s // g, t_g * math.prod(kernel))),)
     t, s_g, *kernel = weight.shape
     t_g, taps = t // g, math.prod(kernel)
     if method == "spatial-svd":
@@ -205,7 +250,7 @@ def plan(layer: Layer, method: str, policy, tiles: tuple[int, int] = (2, 2), see
     except ValueError as exc:
         return Plan(method, ranks, skip_reason=str(exc))
     chain = _filled(chain_template(layer, method, ranks, tiles), factors.weights)
-    if data is not None and (data.refit or data.bias_correction):
+    if data is not None and layer.op != "ConvTranspose" and (data.refit or data.bias_correction):
         chain = _refit(layer, chain, factors, data, tiles)
     macs, params = chain_costs(chain, layer)
     return Plan(method, ranks, chain, macs, params, _weight_error(layer, chain, factors))
@@ -235,6 +280,8 @@ def _factorize(layer: Layer, method: str, ranks: tuple[int, ...], tiles, seed: i
         factors = factorize.truncated_svd(layer.matrix(), ranks[0])
         return _MatrixWeights(factors.left, factors.right, layer.weight_side, factors.rel_error)
     weight, group = layer.weight, layer.conv.group
+    if layer.op == "ConvTranspose":
+        return _transpose_factors(layer, method, ranks)
     if method == "svd":
         return factorize.channel_svd(weight, ranks[0], groups=group)
     if method == "spatial-svd":
@@ -248,10 +295,33 @@ def _factorize(layer: Layer, method: str, ranks: tuple[int, ...], tiles, seed: i
     return factorize.cp_depthwise(weight, ranks[0], groups=group, seed=seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TransposeWeights:
+    """A ConvTranspose factorization's stage weights in chain order."""
+
+    weights: tuple[np.ndarray, ...]
+    rel_error: float
+
+
+def _transpose_factors(layer: Layer, method: str, ranks) -> _TransposeWeights:
+    """Factor a ConvTranspose weight with the Conv factorizations, reading its channel axes
+    swapped (`_swap_channels`), and lay the factors out as `_transpose_stages` expects."""
+    g = layer.conv.group
+    if method == "svd":
+        factors = factorize.channel_svd(layer.weight, ranks[0], groups=g)
+        kernel_part, channel_part = factors.weights
+        return _TransposeWeights((_swap_channels(channel_part, g), kernel_part), factors.rel_error)
+    factors = factorize.tucker2(_conv_layout(layer), ranks, groups=g)
+    first, core, last = factors.weights
+    return _TransposeWeights((first, _swap_channels(core, g), last), factors.rel_error)
+
+
 def _factorize_with_data(layer: Layer, method: str, ranks, tiles, moments):
     """The data-aware factorization of `method`, or None where only the refit applies (CP)."""
     from onnx_lowrank.factorize import data
 
+    if layer.op == "ConvTranspose":
+        return None
     if layer.op in ("Gemm", "MatMul"):
         matrix = layer.matrix()
         # A left weight W [M, K] multiplies columns: its input vectors index W's columns too.
@@ -325,6 +395,8 @@ def chain_kernel(layer: Layer, chain: Chain) -> np.ndarray:
         first, second = (stage.weight.astype(np.float64) for stage in chain.stages)
         matrix = second @ first if layer.weight_side == "left" else first @ second
         return matrix.T if layer.op == "Gemm" and layer.gemm.trans_b else matrix
+    if layer.op == "ConvTranspose":
+        return _transpose_kernel(layer, chain)
     convs, orders, shuffle = [], [], None
     for stage in chain.stages:
         if isinstance(stage, ShuffleStage):
@@ -335,6 +407,20 @@ def chain_kernel(layer: Layer, chain: Chain) -> np.ndarray:
             shuffle = None
     return factorize.compose_chain([s.weight.astype(np.float64) for s in convs], [s.group for s in convs],
                                    groups=layer.conv.group, input_orders=orders)
+
+
+def _transpose_kernel(layer: Layer, chain: Chain) -> np.ndarray:
+    """`W[s, t, k] = Σ P[r, s] F[r, q, k] (U[t, q])` per group, from a ConvTranspose chain."""
+    g = layer.conv.group
+    first, middle, *last = (stage.weight.astype(np.float64) for stage in chain.stages)
+    r = first.shape[0] // g
+    p = first.reshape(g, r, -1)
+    f = middle.reshape(g, r, *middle.shape[1:])
+    kernel = np.einsum("grs,grq...->gsq...", p, f)
+    if last:
+        u = last[0].reshape(g, -1, last[0].shape[1])
+        kernel = np.einsum("gsq...,gtq->gst...", kernel, u)
+    return kernel.reshape(-1, *kernel.shape[2:])
 
 
 def _shuffle_order(stage: ShuffleStage) -> np.ndarray:

@@ -341,6 +341,10 @@ class CalibratedFactorizePass(FactorizePass):
             decision = todo.get(layer.name)
             if decision is None:
                 return None
+            if layer.op == "ConvTranspose":  # weight-only: no patch statistics for it yet
+                self._decide(decision, methods.plan(layer, decision.method or self.method, self.policy,
+                                                    tiles=self.tiles, seed=self.seed, ranks=decision.ranks))
+                return decision.chain if decision.status == "rewritten" else None
             moments = data.Moments()
             for x, xt in zip(xs, xts, strict=True):
                 pairs = zip(calibrate.layer_vectors(layer, x, MOMENT_ROWS),

@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_numerically_equal, conv_model, gemm_model, matmul_model
@@ -196,3 +196,49 @@ def test_whole_digits_model(method):
     reported = sum(d.macs_after if d.status == "rewritten" else (d.layer.macs or 0)
                    for d in workspace.decisions.values())
     assert reported == workspace.totals_after["macs"]
+
+
+@st.composite
+def conv_transpose_configs(draw):
+    n = draw(st.sampled_from([1, 2, 3]))
+    g = draw(st.sampled_from([1, 2]))
+    kernel = tuple(draw(st.integers(1, 4 if n < 3 else 2)) for _ in range(n))
+    strides = [draw(st.integers(1, 3)) for _ in range(n)]
+    dilations = [draw(st.integers(1, 2)) for _ in range(n)]
+    output_padding = [draw(st.integers(0, strides[d] - 1)) for d in range(n)]  # onnxruntime: < stride
+    pads = [draw(st.integers(0, 1)) for _ in range(2 * n)]
+    spatial = [draw(st.integers(2, 5 if n < 3 else 3)) for _ in range(n)]
+    for d in range(n):
+        out = (spatial[d] - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 + output_padding[d]
+        assume(out - pads[d] - pads[n + d] >= 1)
+    return dict(n=n, groups=g, kernel=kernel, strides=strides, dilations=dilations, pads=pads,
+                output_padding=output_padding, spatial=spatial, s=g * draw(st.integers(2, 3)),
+                t=g * draw(st.integers(2, 3)), bias=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@FAST
+@given(conv_transpose_configs(), st.sampled_from(["svd", "tucker2"]))
+def test_conv_transpose_full_rank_is_exact(config, method):
+    rng = np.random.default_rng(config["seed"])
+    weight = rng.standard_normal((config["s"], config["t"] // config["groups"], *config["kernel"]))
+    bias = rng.standard_normal(config["t"]) if config["bias"] else None
+    shape = (2, config["s"], *config["spatial"])
+    model = conv_model(shape, weight, bias, op="ConvTranspose", strides=config["strides"],
+                       dilations=config["dilations"], pads=config["pads"],
+                       output_padding=config["output_padding"], group=config["groups"])
+    rewritten, workspace = rewrite(model, method)
+    decision = workspace.decisions["layer"]
+    assert decision.status == "rewritten", decision.reason
+    assert decision.weight_rel_error < 1e-6
+    ops = [node.op_type for node in rewritten.graph.node]
+    assert ops.count("ConvTranspose") == 1 and len(ops) == (2 if method == "svd" else 3)
+    assert_numerically_equal(model, rewritten, {"x": rng.standard_normal(shape).astype(np.float32)})
+
+
+def test_conv_transpose_truncation_reports_its_costs(rng):
+    weight = rng.standard_normal((32, 16, 4, 4))
+    model = conv_model((1, 32, 8, 8), weight, op="ConvTranspose", strides=[2, 2], pads=[1, 1, 1, 1])
+    rewritten, workspace = rewrite(model, "tucker2", policy=RankRatio(0.25), require_savings=True)
+    decision = workspace.decisions["layer"]
+    assert decision.status == "rewritten"
+    assert decision.macs_after == workspace.totals_after["macs"] < decision.layer.macs

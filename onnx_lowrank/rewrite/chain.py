@@ -28,12 +28,21 @@ __all__ = ["Chain", "ConvStage", "MatMulStage", "ShuffleStage", "apply_chain", "
 
 @dataclasses.dataclass(frozen=True)
 class ConvStage:
-    """One Conv with weight `[out, in/group, k..]`; `role` is "full", "point" or "axis"."""
+    """One Conv with weight `[out, in/group, k..]`; `role` is "full", "point" or "axis".
+
+    `transpose` makes it a ConvTranspose (weight `[in, out/group, k..]`, role "full"), which
+    also takes the layer's output_padding and output_shape.
+    """
 
     weight: np.ndarray
     group: int = 1
     role: str = "point"
     axis: int | None = None
+    transpose: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.group if self.transpose else self.weight.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +107,11 @@ def _conv_geometry(stage: ConvStage, layer: Layer) -> dict:
         attrs["auto_pad"] = conv.auto_pad
     else:
         attrs["pads"] = list(pads)
+    if stage.transpose:
+        if conv.output_padding is not None:
+            attrs["output_padding"] = list(conv.output_padding)
+        if conv.output_shape is not None:
+            attrs["output_shape"] = list(conv.output_shape)
     return attrs
 
 
@@ -112,6 +126,8 @@ def _stage_output_shape(stage: Stage, layer: Layer, shape: tuple[int, ...]) -> t
     n = len(attrs["kernel_shape"])
     strides = attrs.get("strides", [1] * n)
     dilations = attrs.get("dilations", [1] * n)
+    if stage.transpose:
+        return (shape[0], stage.out_channels, *layer.output_shape[2:])
     if "auto_pad" in attrs:
         spatial = [-(-shape[2 + d] // strides[d]) for d in range(n)]
     else:
@@ -119,7 +135,7 @@ def _stage_output_shape(stage: Stage, layer: Layer, shape: tuple[int, ...]) -> t
         spatial = [(shape[2 + d] + pads[d] + pads[n + d]
                     - dilations[d] * (attrs["kernel_shape"][d] - 1) - 1) // strides[d] + 1
                    for d in range(n)]
-    return (shape[0], stage.weight.shape[0], *spatial)
+    return (shape[0], stage.out_channels, *spatial)
 
 
 def chain_costs(chain: Chain, layer: Layer) -> tuple[int, int]:
@@ -134,7 +150,7 @@ def chain_costs(chain: Chain, layer: Layer) -> tuple[int, int]:
     for stage in chain.stages:
         out = _stage_output_shape(stage, layer, shape)
         if isinstance(stage, ConvStage):
-            macs += math.prod(out) * math.prod(stage.weight.shape[1:])
+            macs += math.prod(shape if stage.transpose else out) * math.prod(stage.weight.shape[1:])
         elif isinstance(stage, MatMulStage):
             inner = stage.weight.shape[0] if stage.side == "right" else stage.weight.shape[1]
             macs += math.prod(out) * inner
@@ -172,7 +188,8 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain,
         elif isinstance(stage, ConvStage):
             weight = gs.Constant(f"{tag}_weight", np.ascontiguousarray(stage.weight.astype(dtype)))
             inputs = [current, weight] + ([bias] if last and bias is not None else [])
-            built.append(gs.Node("Conv", f"{tag}_Conv", _conv_geometry(stage, layer), inputs, [result]))
+            op = "ConvTranspose" if stage.transpose else "Conv"
+            built.append(gs.Node(op, f"{tag}_{op}", _conv_geometry(stage, layer), inputs, [result]))
         else:
             built.append(_product_node(tag, current, result, stage, layer, last, bias, dtype))
         current = result
