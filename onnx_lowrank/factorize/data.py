@@ -75,6 +75,7 @@ __all__ = [
     "regularized",
     "relative_output_error",
     "same_pads",
+    "target_and_sigma",
     "whitened_channel_svd",
     "whitened_spatial_svd",
     "whitened_svd",
@@ -88,7 +89,7 @@ DEFAULT_MAX_ROWS = 16384
 # Cholesky retries: when a covariance is not numerically positive definite even after the
 # relative regularisation, eps is multiplied by this factor, at most this many times.
 _CHOL_GROWTH = 100.0
-_CHOL_RETRIES = 4
+_CHOL_RETRIES = 2
 
 
 # ----------------------------------------------------------------------------- im2col
@@ -145,7 +146,7 @@ def iter_patches(
     dilations: Sequence[int] | None = None,
     pads: Sequence[int] | None = None,
     groups: int = 1,
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
 ) -> Iterator[np.ndarray]:
     """The im2col patches of a Conv input, in chunks ``[groups, n_chunk, D]`` of at most ``max_rows`` rows.
 
@@ -168,12 +169,14 @@ def iter_patches(
         dilations: default ones.
         pads: ``(b1..bN, e1..eN)``, default zeros (see :func:`same_pads` for auto_pad).
         groups: the Conv's ``group`` attribute, dividing S.
-        max_rows: the most rows per chunk (>= 1).
+        max_rows: the most rows per chunk (>= 1); None: all rows in one chunk.
 
     Raises:
         ValueError: bad shapes or attributes, or an empty output.
     """
     view, groups, dim = _patch_view("iter_patches", x, kernel_shape, strides, dilations, pads, groups)
+    if max_rows is None:
+        max_rows = math.prod(view.shape[: (view.ndim - 2) // 2 + 1])
     max_rows = check_int("iter_patches", "max_rows", max_rows)
     return _chunks(view, groups, dim, max_rows)
 
@@ -236,7 +239,8 @@ def _patch_view(
     if any(pads):
         padded = np.pad(x, [(0, 0), (0, 0), *zip(pads[:n], pads[n:], strict=True)])
     windows = sliding_window_view(padded, spans, axis=tuple(range(2, 2 + n)))  # [B, S, W.., span..]
-    index = (slice(None), slice(None), *(slice(None, None, s) for s in strides), *(slice(None, None, d) for d in dilations))
+    steps = (*(slice(None, None, s) for s in strides), *(slice(None, None, d) for d in dilations))
+    index = (slice(None), slice(None), *steps)
     view = np.moveaxis(windows[index], 1, 1 + n)  # [B, out.., S, k..]
     return view, groups, (channels // groups) * math.prod(kernel)
 
@@ -439,7 +443,9 @@ def _chunk(method: str, name: str, array: object) -> np.ndarray:
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{method}: expected {name} as a float array [groups, n, D], found {array.dtype} {fmt_shape(array.shape)}")
+        raise ValueError(
+            f"{method}: expected {name} as a float array [groups, n, D], found {array.dtype} {fmt_shape(array.shape)}"
+        )
     out = array.astype(np.float64, copy=False)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"{method}: {name} holds NaN or Inf values")
@@ -454,7 +460,7 @@ def conv_moments(
     pads: Sequence[int] | None = None,
     groups: int = 1,
     x_tilde: np.ndarray | None = None,
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
     moments: Moments | None = None,
 ) -> Moments:
     """Accumulate the patch moments of a Conv input (and the paired compressed-model input).
@@ -497,8 +503,15 @@ def regularized(sigma: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 def _cholesky(method: str, sigma: np.ndarray, eps: float) -> np.ndarray:
-    """Lower Cholesky factor of ``regularized(sigma, eps)``, growing eps while it is not PD numerically."""
-    floor = max(eps, 1e-12)
+    """Lower Cholesky factor of ``regularized(sigma, eps)``.
+
+    When rounding leaves the matrix not positive definite, eps grows by ``_CHOL_GROWTH`` (from
+    at least 1e-10) at most ``_CHOL_RETRIES`` times; a matrix with a negative diagonal entry is
+    not a second-moment matrix and is refused at once.
+    """
+    if np.any(np.diagonal(sigma, axis1=-2, axis2=-1) < 0):
+        raise ValueError(f"{method}: the second-moment matrix is not positive semi-definite (negative diagonal)")
+    floor = max(eps, 1e-10)
     for attempt in range(_CHOL_RETRIES + 1):
         try:
             return np.linalg.cholesky(regularized(sigma, eps if attempt == 0 else floor * _CHOL_GROWTH**attempt))
@@ -568,6 +581,28 @@ def regression_target(W: np.ndarray, cov_xt: np.ndarray, cov_tt: np.ndarray, *, 
     cov_xt = _square(method, "cov_xt", cov_xt, W64.shape[1])
     cov_tt = _square(method, "cov_tt", cov_tt, W64.shape[1])
     return _solve_spd(method, regularized(cov_tt, eps), W64 @ cov_xt)
+
+
+def target_and_sigma(
+    W_rows: np.ndarray, moments: Moments, group: int = 0, *, eps: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(Stt, target)`` of one group for :func:`whitened_svd`: ``whitened_svd(W, *target_and_sigma(W, m, i), r)``.
+
+    ``Stt = E[p~ p~^T]`` of group ``group`` (``E[p p^T]`` when unpaired) and the map to fit:
+    None (fit W itself) when the moments are unpaired, else the regression target
+    ``W Sxt Stt^-1`` (:func:`regression_target`). ``W_rows [m, D]`` is the lowered weight of
+    that group (a matrix ``x @ W`` passes ``W^T``).
+    """
+    method = "target_and_sigma"
+    W64 = check_matrix(method, W_rows)
+    if not isinstance(moments, Moments):
+        raise ValueError(f"{method}: expected a Moments accumulator, found {type(moments).__name__}")
+    group = check_int(method, "group", group, minimum=0)
+    if group >= moments.groups:
+        raise ValueError(f"{method}: group {group} out of range for moments of {moments.groups} groups")
+    moments = _check_moments(method, moments, moments.groups, W64.shape[1])
+    stats = moments.group(group)
+    return stats.tt, (_target(stats, W64, eps) if stats.paired else None)
 
 
 def _square(method: str, name: str, matrix: object, dim: int) -> np.ndarray:
@@ -965,6 +1000,7 @@ def refit_chain(
     ridge: float = 1e-3,
     *,
     with_bias: bool = True,
+    refit: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Refit the last stage of any conv chain against the original layer's output.
 
@@ -983,6 +1019,9 @@ def refit_chain(
     ``bias_delta = W E[p] - A H E[p~]``: weight and bias delta are then jointly optimal and must
     be used together (add ``bias_delta`` to the last node's bias, creating one if needed).
     ``with_bias=False`` fits on the non-centred moments and returns zeros.
+    ``refit=False`` keeps the last weight (returned unchanged) and only measures the bias delta
+    ``W E[p] - A H E[p~]`` with it (bias correction alone). So pass the two switches as they
+    are: ``refit=do_refit, with_bias=do_bias_correction``.
 
     Args:
         factors_weights: ALL stage weights of the chain, in order (float arrays).
@@ -993,6 +1032,8 @@ def refit_chain(
         original_kernel: ``[T, S/g, k..]``.
         input_orders: per stage, the channel order before it (as ``compose_chain``), or None.
         ridge: relative ridge of :func:`refit_last`.
+        with_bias: fit weight and bias jointly and return the bias delta (else zeros).
+        refit: refit the last weight (else keep it).
 
     Returns:
         ``(new_last_weight, bias_delta)``: the last weight in its original shape and dtype, and
@@ -1024,9 +1065,13 @@ def refit_chain(
     out_channels, in_g, *spatial = kernel64.shape
     last = weights[-1]
     if last.ndim != kernel64.ndim or last.shape[0] != out_channels:
-        raise ValueError(f"{method}: the last stage {fmt_shape(last.shape)} does not output the kernel's {out_channels} channels")
+        raise ValueError(
+            f"{method}: the last stage {fmt_shape(last.shape)} does not output the kernel's {out_channels} channels"
+        )
     if last_groups % groups or out_channels % last_groups:
-        raise ValueError(f"{method}: last_groups={last_groups} must be a multiple of groups={groups} dividing {out_channels}")
+        raise ValueError(
+            f"{method}: last_groups={last_groups} must be a multiple of groups={groups} dividing {out_channels}"
+        )
     dim = in_g * math.prod(spatial)
     moments = _check_moments(method, moments, groups, dim)
     first = compose_chain([np.asarray(w, np.float64) for w in weights[:-1]], stage_groups, groups, orders[:-1])
@@ -1048,15 +1093,20 @@ def refit_chain(
     for block in range(last_groups):
         group = block * groups // last_groups
         if group not in stats_cache:
-            stats_cache[group] = moments.group(group, centered=with_bias)
+            stats_cache[group] = moments.group(group, centered=with_bias and refit)
         stats = stats_cache[group]
         H = _lift(first[block * mid_per_block : (block + 1) * mid_per_block], last_kernel, spatial)
         rows = slice(block * out_block, (block + 1) * out_block)
         W_rows = kernel64[rows].reshape(out_block, dim)
-        A = refit_last(W_rows, H, stats.xt, stats.tt, ridge)
+        if refit:
+            A = refit_last(W_rows, H, stats.xt, stats.tt, ridge)
+        else:
+            A = np.asarray(last[rows], dtype=np.float64).reshape(out_block, -1)
         new_last[rows] = A.reshape(out_block, mid_per_block, *last_kernel)
         if with_bias:
             delta[rows] = bias_shift(W_rows, A, H, stats.mean_x, stats.mean_t)
+    if not refit:
+        new_last = last.copy()
     return new_last.astype(last.dtype), delta.astype(last.dtype)
 
 
@@ -1067,12 +1117,14 @@ def refit_factors(
     ridge: float = 1e-3,
     *,
     with_bias: bool = True,
+    refit: bool = True,
 ) -> tuple[ConvFactors, np.ndarray]:
     """:func:`refit_chain` on a conv factorization result: the same result with the last stage refitted.
 
     Returns ``(refitted, bias_delta)``: a result of the same type whose last stage is replaced
     (``rel_error`` re-measured against ``kernel``; other fields, e.g. spectra, kept from the
-    input) and the ``[T]`` bias delta (float64; zeros when ``with_bias`` is False).
+    input) and the ``[T]`` bias delta (float64; zeros when ``with_bias`` is False);
+    ``with_bias`` and ``refit`` as in :func:`refit_chain`.
     """
     if not isinstance(factors, ConvFactors):
         raise ValueError(f"refit_factors: expected a conv factorization result, found {type(factors).__name__}")
@@ -1087,6 +1139,7 @@ def refit_factors(
         factors._input_orders(),
         ridge,
         with_bias=with_bias,
+        refit=refit,
     )
     draft = replace(factors, stages=(*stages[:-1], new_last), rel_error=math.nan)
     kernel64 = check_kernel("refit_factors", kernel)
@@ -1094,18 +1147,30 @@ def refit_factors(
 
 
 def refit_matrix(
-    W: np.ndarray, P: np.ndarray, moments: Moments, ridge: float = 1e-3, *, with_bias: bool = True
+    W: np.ndarray,
+    P: np.ndarray,
+    moments: Moments,
+    ridge: float = 1e-3,
+    *,
+    with_bias: bool = True,
+    refit: bool = True,
+    Q: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Refit the second factor of ``x @ W ~ (x @ P) @ Q`` (Gemm/MatMul) against the original output.
 
     With rows ``x`` (patches of one group, ``D = K``) and ``y = W^T x``, the chain is
     ``Q^T P^T x``: :func:`refit_last` with ``W_rows = W^T``, ``H = P^T`` gives ``Q = A^T``;
-    ``with_bias`` as in :func:`refit_chain` (centred fit plus ``bias_delta = W^T E[x] - Q^T P^T E[x~]``).
+    ``with_bias`` and ``refit`` as in :func:`refit_chain` (centred fit plus
+    ``bias_delta = W^T E[x] - Q^T P^T E[x~]``; ``refit=False`` keeps the given ``Q``).
 
     Args:
         W: ``[K, N]``, the original weight of ``x @ W``.
         P: ``[K, r]``, the first factor (kept).
         moments: one group of ``K`` values (rows of x, and of x~ in sequential mode).
+        ridge: relative ridge of :func:`refit_last`.
+        with_bias: fit weight and bias jointly and return the bias delta (else zeros).
+        refit: refit Q (else keep ``Q``, which is then required).
+        Q: ``[r, N]``, the current second factor (only read when ``refit`` is False).
 
     Returns:
         ``(Q [r, N], bias_delta [N])`` in float64.
@@ -1116,8 +1181,15 @@ def refit_matrix(
     if P64.shape[0] != W64.shape[0]:
         raise ValueError(f"{method}: P {fmt_shape(P64.shape)} does not match W {fmt_shape(W64.shape)}")
     moments = _check_moments(method, moments, 1, W64.shape[0])
-    stats = moments.group(0, centered=with_bias)
-    A = refit_last(W64.T, P64.T, stats.xt, stats.tt, ridge)
+    stats = moments.group(0, centered=with_bias and refit)
+    if refit:
+        A = refit_last(W64.T, P64.T, stats.xt, stats.tt, ridge)
+    else:
+        if Q is None:
+            raise ValueError(f"{method}: refit=False needs the current second factor Q")
+        A = check_matrix(method, Q).T
+        if A.shape != (W64.shape[1], P64.shape[1]):
+            raise ValueError(f"{method}: Q {fmt_shape(A.T.shape)} does not match P {fmt_shape(P64.shape)} and W")
     delta = bias_shift(W64.T, A, P64.T, stats.mean_x, stats.mean_t) if with_bias else np.zeros(W64.shape[1])
     return A.T, delta
 
