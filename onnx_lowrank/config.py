@@ -43,7 +43,7 @@ class Settings:
     input_shape: tuple[str, ...] = ()
     calib: str | None = None
     eval: str | None = None
-    data_aware: bool = False
+    data_aware: bool = True
     sequential: bool = True
     refit: bool = True
     bias_correction: bool = True

@@ -326,8 +326,8 @@ def _factorize_with_data(layer: Layer, method: str, ranks, tiles, moments):
         matrix = layer.matrix()
         # A left weight W [M, K] multiplies columns: its input vectors index W's columns too.
         lowered = matrix if layer.weight_side == "left" else matrix.T
-        a, b, _ = data.whitened_svd(lowered, data.target_and_sigma(lowered, moments, 0)[0],
-                                    ranks[0], target=data.target_and_sigma(lowered, moments, 0)[1])
+        sigma, target = data.target_and_sigma(lowered, moments, 0)
+        a, b, _ = data.whitened_svd(lowered, sigma, ranks[0], target=target)
         left, right = (a, b) if layer.weight_side == "left" else (b.T, a.T)
         return _MatrixWeights(left, right, layer.weight_side, _relative(matrix, left @ right))
     weight, group = layer.weight, layer.conv.group
@@ -351,32 +351,34 @@ def _refit(layer: Layer, chain: Chain, factors, data_fit: DataFit, tiles) -> Cha
     if layer.op in ("Gemm", "MatMul"):
         if layer.weight_side == "left":
             return chain  # W·X: a refit would need the output's columns; left as fitted
-        first = stages[0].weight
-        last, delta = data.refit_matrix(layer.matrix(), first, moments)
+        # MatMul has no bias input to shift; Gemm with beta = 0 ignores C.
+        with_bias = data_fit.bias_correction and layer.op == "Gemm" and layer.gemm.beta != 0
+        last, delta = data.refit_matrix(layer.matrix(), stages[0].weight, moments, refit=data_fit.refit,
+                                        with_bias=with_bias)
     else:
+        with_bias = data_fit.bias_correction
         convs = [s for s in stages if isinstance(s, ConvStage)]
         orders = [None] * len(convs)
         if isinstance(factors, factorize.TiledSVDFactors) and factors.needs_shuffle:
             orders[-1] = factors.shuffle_order
         last, delta = data.refit_chain([s.weight for s in convs], [s.group for s in convs],
                                        convs[-1].group, layer.conv.group, moments, layer.weight,
-                                       input_orders=orders)
+                                       input_orders=orders, refit=data_fit.refit, with_bias=with_bias)
         last = last.reshape(convs[-1].weight.shape)
-    if data_fit.refit:
-        stages[-1] = dataclasses.replace(stages[-1], weight=last.astype(np.float32))
-    bias = chain.bias
-    if data_fit.bias_correction and layer.op != "MatMul":
-        bias = _shifted_bias(layer, delta)
+    stages[-1] = dataclasses.replace(stages[-1], weight=np.asarray(last, dtype=np.float32))
+    bias = _shifted_bias(layer, delta) if with_bias else chain.bias
     return dataclasses.replace(chain, stages=tuple(stages), bias=bias)
 
 
 def _shifted_bias(layer: Layer, delta: np.ndarray) -> np.ndarray:
-    """The last node's new bias: the original plus the mean output difference (Gemm: over beta)."""
+    """The last node's new bias: the original plus the mean output difference.
+
+    Gemm computes `alpha·A·B + beta·C`, and `delta` is in units of `A·B`: C moves by
+    `alpha·delta/beta`.
+    """
+    base = layer.bias.astype(np.float64) if layer.bias is not None else np.zeros(delta.shape)
     if layer.op == "Gemm":
-        scale = layer.gemm.beta if layer.gemm.beta != 0 else 1.0
-        base = layer.bias if layer.bias is not None else np.zeros(delta.shape)
-        return (base + delta / (scale * layer.gemm.alpha / layer.gemm.alpha)).astype(np.float32)
-    base = layer.bias if layer.bias is not None else np.zeros(delta.shape)
+        delta = layer.gemm.alpha * delta / layer.gemm.beta
     return (base + delta).astype(np.float32)
 
 

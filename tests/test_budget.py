@@ -99,7 +99,7 @@ def test_allocator_compresses_the_near_low_rank_layer_more(tmp_path, capsys, rng
 
 def test_guard_rolls_back_a_too_low_rank_layer(tmp_path, capsys):
     report = compress_json(capsys, DIGITS, "-o", str(tmp_path / "out.onnx"), "--rank-ratio", "0.5",
-                           "--max-error", "0.3", *DIGITS_TEST, "--no-latency")
+                           "--max-error", "0.3", *DIGITS_TEST, "--no-latency", "--no-data-aware")
     layers = {layer["name"]: layer for layer in report["layers"]}
     fc2 = layers["/fc2/Gemm"]  # rank 5 of 10 classes: far over the bound
     assert fc2["status"] == "rolled_back" and "--max-error" in fc2["reason"]
@@ -109,7 +109,7 @@ def test_guard_rolls_back_a_too_low_rank_layer(tmp_path, capsys):
 
 def test_end_to_end_bound_holds_after_rollback(tmp_path, capsys):
     report = compress_json(capsys, DIGITS, "-o", str(tmp_path / "out.onnx"), "--rank-ratio", "0.25",
-                           "--min-cosine", "0.99", *DIGITS_TEST, "--no-latency")
+                           "--min-cosine", "0.99", *DIGITS_TEST, "--no-latency", "--no-data-aware")
     assert min(o["cosine"] for o in report["validation"]["outputs"]) >= 0.99
     assert any(layer["status"] == "rolled_back" for layer in report["layers"])
 
