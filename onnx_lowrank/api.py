@@ -51,8 +51,10 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
         _check_output(model, pathlib.Path(output))
     loaded = _as_model(model)
     pinned = inputs.parse_input_shapes(settings.input_shape)
-    calib_feeds = _feeds(loaded, settings, pinned, settings.calib) if settings.calib else None
     checking = settings.validate or settings.guarded
+    fitting = settings.calib is not None and settings.data_aware
+    calib_feeds = _feeds(loaded, settings, pinned, settings.calib) if fitting or (
+        checking and settings.calib and settings.eval is None) else None
     if not checking:
         feeds = None
     elif settings.eval is not None:

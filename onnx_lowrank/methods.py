@@ -23,7 +23,7 @@ from onnx_lowrank.graph import Layer
 from onnx_lowrank.ranks import ModeSpectrum
 from onnx_lowrank.rewrite.chain import Chain, ConvStage, MatMulStage, ShuffleStage, chain_costs
 
-__all__ = ["METHOD_NAMES", "DataFit", "Plan", "chain_kernel", "chain_template", "full_ranks", "mode_spectra", "not_applicable",
+__all__ = ["METHOD_NAMES", "DataFit", "Plan", "chain_kernel", "chain_template", "data_spectra", "full_ranks", "mode_spectra", "not_applicable",
            "plan", "resolved_method"]
 
 
@@ -227,6 +227,44 @@ class DataFit:
     moments: object
     refit: bool = True
     bias_correction: bool = True
+
+
+def data_spectra(layer: Layer, method: str, moments, tiles: tuple[int, int] = (2, 2)) -> tuple[ModeSpectrum, ...]:
+    """`mode_spectra` measured in OUTPUT units on calibration data: the singular values of the
+    whitened weight `W·L` (`L Lᵀ` the input second moment), whose discarded energy is the
+    layer's relative output error (SVD-LLM). Tucker-2's output mode is the spectrum of the output
+    second moment; its input mode keeps the weight spectrum (a heuristic for the budget only).
+    ConvTranspose layers, fit on weights only, keep their weight spectra.
+    """
+    from onnx_lowrank.factorize import data
+
+    method = resolved_method(layer, method)
+    weight_spectra = mode_spectra(layer, method, tiles)
+    if layer.op == "ConvTranspose":
+        return weight_spectra
+    if layer.op in ("Gemm", "MatMul"):
+        matrix = layer.matrix()
+        lowered = matrix if layer.weight_side == "left" else matrix.T
+        sigma, target = data.target_and_sigma(lowered, moments, 0)
+        values = data.whitened_svd(lowered, sigma, 1, target=target)[2]
+        return (_with_values(weight_spectra[0], (values,)),)
+    weight, g = layer.weight, layer.conv.group
+    if method == "spatial-svd":
+        values = data.whitened_spatial_svd(weight, g, 1, moments).singular_values
+    elif method == "tiled-svd":
+        values = tuple(v for row in data.whitened_tiled_svd(weight, tiles, 1, moments).singular_values for v in row)
+    elif method == "tucker2":
+        fitted = data.data_tucker2(weight, g, (1, 1), moments).mode_spectra
+        return (_with_values(weight_spectra[0], tuple(out for out, _ in fitted)), weight_spectra[1])
+    else:
+        values = data.whitened_channel_svd(weight, g, 1, moments).singular_values
+    return (_with_values(weight_spectra[0], tuple(values)),)
+
+
+def _with_values(spectrum: ModeSpectrum, values: tuple[np.ndarray, ...]) -> ModeSpectrum:
+    """`spectrum` with other singular values; beyond min(L, M) they are zero (rank deficiency)."""
+    limit = min(spectrum.shape)
+    return ModeSpectrum(tuple(np.asarray(v)[:limit] for v in values), spectrum.shape)
 
 
 def plan(layer: Layer, method: str, policy, tiles: tuple[int, int] = (2, 2), seed: int = 0,

@@ -28,7 +28,7 @@ from onnx_lowrank.metrics import load_metric
 from onnx_lowrank.rewrite.chain import Chain, apply_chain, chain_costs
 
 __all__ = [
-    "BudgetPass", "CalibratedFactorizePass", "CanonicalizePass", "CountPass", "FactorizePass", "FindLayersPass", "GuardPass", "LayerDecision", "Pass",
+    "BudgetPass", "CalibratedFactorizePass", "CanonicalizePass", "DataSpectraPass", "CountPass", "FactorizePass", "FindLayersPass", "GuardPass", "LayerDecision", "Pass",
     "PassManager", "PassResult", "RewritePass", "SelectLayersPass", "ValidatePass", "Workspace",
     "compress_pipeline",
 ]
@@ -97,6 +97,7 @@ class Workspace:
     decisions: dict[str, LayerDecision] = dataclasses.field(default_factory=dict)
     totals_before: dict[str, int] = dataclasses.field(default_factory=dict)
     totals_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    data_spectra: dict[str, dict] = dataclasses.field(default_factory=dict)
     validation: object | None = None
 
     @property
@@ -201,14 +202,16 @@ class BudgetPass(Pass):
     def run(self, workspace, progress):
         candidates = [d for d in workspace.decisions.values() if d.reason is None]
         total = workspace.totals_before[self.measure]
-        options = [self._options(d.layer) for d in progress(candidates, len(candidates), "error curves")]
+        options = [self._options(d.layer, workspace.data_spectra.get(d.layer.name, {}))
+                   for d in progress(candidates, len(candidates), "error curves")]
         fixed = total - sum(o.dense_cost for o in options)
         flag = f"--target-{self.measure}"
         allocation = ranks.allocate(options, self.target * total - fixed)
         if not allocation.feasible:
             lowest = (fixed + allocation.lowest_cost) / total
             raise InputError(f"{flag} {self.target:g} is unreachable with these settings; the lowest "
-                             f"reachable is {lowest:.3f} of the model's {self.measure}")
+                             f"reachable is {lowest:.3f} of the model's {self.measure} with ranks in steps "
+                             f"of {self.multiple} (a smaller --rank-multiple reaches lower)")
         if (fixed + allocation.cost) / total < self.target - TARGET_TOLERANCE:
             # The rank grid is coarse: allow the upper half of the band rather than undershoot.
             allocation = ranks.allocate(options, (self.target + TARGET_TOLERANCE) * total - fixed)
@@ -225,7 +228,7 @@ class BudgetPass(Pass):
                 decision.method, decision.ranks = choice.payload
         return PassResult(True, f"{flag} {self.target:g}: planned {kept:.3f}")
 
-    def _options(self, layer: Layer) -> ranks.LayerOptions:
+    def _options(self, layer: Layer, measured: dict) -> ranks.LayerOptions:
         dense = layer.macs if self.measure == "macs" else layer.params
         found: dict[tuple, ranks.Option] = {}
         for name in self.method_names:
@@ -233,13 +236,65 @@ class BudgetPass(Pass):
             if methods.not_applicable(layer, method, self.tiles) is not None:
                 continue
             full = methods.full_ranks(layer, method, self.tiles)
-            for rank_tuple, error in _error_curve(method, full, methods.mode_spectra(layer, method, self.tiles),
-                                                  self.multiple):
+            spectra = measured.get(method) or methods.mode_spectra(layer, method, self.tiles)
+            for rank_tuple, error in _error_curve(method, full, spectra, self.multiple):
                 macs, params = chain_costs(methods.chain_template(layer, method, rank_tuple, self.tiles), layer)
                 cost = macs if self.measure == "macs" else params
                 if cost < dense:
                     found.setdefault((method, rank_tuple), ranks.Option(cost, error, (method, rank_tuple)))
         return ranks.LayerOptions(layer.name, dense, list(found.values()))
+
+
+class DataSpectraPass(Pass):
+    """Measure every candidate layer's error-versus-rank in output units on calibration data.
+
+    One walk over the ORIGINAL model (independent statistics) gives each layer's input second
+    moments, from which `methods.data_spectra` reads whitened spectra; the budget allocator then
+    spends the budget where the OUTPUT error per MAC saved is smallest, not the weight error.
+    """
+
+    name = "data spectra"
+
+    def __init__(self, feeds: Sequence[dict], method_names: Sequence[str], tiles: tuple[int, int] = (2, 2)):
+        self.feeds = feeds
+        self.method_names = tuple(method_names)
+        self.tiles = tiles
+
+    def run(self, workspace, progress):
+        from onnx_lowrank import calibrate
+
+        todo = {d.layer.name: d.layer for d in workspace.decisions.values()
+                if d.reason is None and d.layer.subgraph is None}
+
+        def visit(layer, xs, xts):
+            if layer.name in todo and layer.op != "ConvTranspose":
+                moments = layer_moments(layer, xs, None)
+                workspace.data_spectra[layer.name] = {
+                    methods.resolved_method(layer, name): methods.data_spectra(layer, name, moments, self.tiles)
+                    for name in self.method_names
+                    if methods.not_applicable(layer, methods.resolved_method(layer, name), self.tiles) is None}
+            return None
+
+        calibrate.walk_layers(workspace.canonical, list(todo.values()), self.feeds, visit, sequential=False,
+                              progress=progress)
+        return PassResult(False, f"output-error spectra of {len(workspace.data_spectra)} layers")
+
+
+def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None):
+    """Second moments of the layer's input vectors over all batches (paired with `xts` if given)."""
+    from onnx_lowrank import calibrate
+    from onnx_lowrank.factorize import data
+
+    moments = data.Moments()
+    for index, x in enumerate(xs):
+        originals = calibrate.layer_vectors(layer, x, MOMENT_ROWS)
+        if xts is None:
+            for p in originals:
+                moments.add(p)
+            continue
+        for p, pt in zip(originals, calibrate.layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True):
+            moments.add(p, pt)
+    return moments
 
 
 def _error_curve(method: str, full: tuple[int, ...], spectra, multiple: int):
@@ -345,12 +400,7 @@ class CalibratedFactorizePass(FactorizePass):
                 self._decide(decision, methods.plan(layer, decision.method or self.method, self.policy,
                                                     tiles=self.tiles, seed=self.seed, ranks=decision.ranks))
                 return decision.chain if decision.status == "rewritten" else None
-            moments = data.Moments()
-            for x, xt in zip(xs, xts, strict=True):
-                pairs = zip(calibrate.layer_vectors(layer, x, MOMENT_ROWS),
-                            calibrate.layer_vectors(layer, xt, MOMENT_ROWS), strict=True)
-                for p, pt in pairs:
-                    moments.add(p, pt if self.sequential else None)
+            moments = layer_moments(layer, xs, xts if self.sequential else None)
             fit = methods.DataFit(moments, refit=self.refit, bias_correction=self.bias_correction)
             plan = methods.plan(layer, decision.method or self.method, self.policy, tiles=self.tiles,
                                 seed=self.seed, ranks=decision.ranks, data=fit)
@@ -658,11 +708,14 @@ def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
         FindLayersPass(pinned),
         SelectLayersPass(settings.layers, settings.skip),
     ]
+    data_aware = settings.calib is not None and settings.data_aware
     if settings.budget is not None:
         measure, target = settings.budget
         names = AUTO_METHODS if settings.method == "auto" else (settings.method,)
+        if data_aware:
+            passes.append(DataSpectraPass(calib_feeds, names, settings.tiles))
         passes.append(BudgetPass(target, measure, names, settings.tiles, settings.rank_multiple))
-    if settings.calib is not None and settings.data_aware:
+    if data_aware:
         passes.append(CalibratedFactorizePass(
             settings.method, rank_policy(settings), calib_feeds, tiles=settings.tiles, seed=settings.seed,
             sequential=settings.sequential, refit=settings.refit,
