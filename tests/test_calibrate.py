@@ -1,0 +1,130 @@
+"""The calibration walk and data-aware compression through the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import conv_model, make_model, relative_error, run
+from onnx_lowrank import api, calibrate
+from onnx_lowrank.config import Settings
+from onnx_lowrank.factorize import data
+from onnx_lowrank.methods import plan
+from onnx_lowrank.ranks import FixedRank
+
+
+def residual_model(rng, channels=16, spatial=10):
+    """conv0 -> relu -> conv1 (+ skip from relu) -> relu -> conv2: a DAG with a live skip tensor."""
+    inits = [numpy_helper.from_array((rng.standard_normal((channels, channels, 3, 3)) / 12).astype(np.float32), f"w{i}")
+             for i in range(3)]
+    inits.append(numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b1"))
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "r0"], ["s1"]),
+        helper.make_node("Relu", ["s1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, channels, spatial, spatial])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def anisotropic_feeds(rng, count, channels=16, spatial=10):
+    """Inputs whose channels are strongly correlated: a few directions carry most of the energy.
+
+    The mixing is the same for every call (its own seed), so calibration and evaluation sets
+    come from one distribution.
+    """
+    mixing = np.random.default_rng(7).standard_normal((channels, channels))
+    mixing *= np.logspace(0, -6, channels)[:, None]
+    feeds = []
+    for _ in range(count):
+        coarse = rng.standard_normal((2, spatial // 5, spatial // 5, channels))
+        z = coarse.repeat(5, axis=1).repeat(5, axis=2) + 0.01 * rng.standard_normal((2, spatial, spatial, channels))
+        feeds.append({"x": np.ascontiguousarray((z @ mixing).transpose(0, 3, 1, 2)).astype(np.float32)})
+    return feeds
+
+
+def exposed(model, names):
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return probe
+
+
+def test_walk_sees_the_original_activations_and_carries_the_compressed_world(rng):
+    model = residual_model(rng)
+    feeds = anisotropic_feeds(rng, 2)
+    layers = api.inspect(model).layers
+    canonical = api.inspect(model).canonical
+    seen, chains = {}, {}
+
+    def visit(layer, xs, xts):
+        seen[layer.name] = (xs, xts)
+        chains[layer.name] = plan(layer, "svd", FixedRank(3)).chain
+        return chains[layer.name]
+
+    calibrate.walk_layers(canonical, layers, feeds, visit, sequential=True)
+    reference = run(exposed(model, ["r0", "r1"]), feeds[1])
+    np.testing.assert_allclose(seen["conv1"][0][1], reference[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(seen["conv2"][0][1], reference[2], rtol=1e-5, atol=1e-6)
+    # The compressed world: conv0 and conv1 replaced by their chains, read at conv2's input.
+    workspace = api.inspect(model)
+    for decision in workspace.decisions.values():
+        if decision.layer.name in ("conv0", "conv1"):
+            decision.chain, decision.status = chains[decision.layer.name], "rewritten"
+    from onnx_lowrank.passes import rewritten_model
+    compressed = rewritten_model(workspace)
+    expected = run(exposed(compressed, ["r1"]), feeds[1])[1]
+    np.testing.assert_allclose(seen["conv2"][1][1], expected, rtol=1e-4, atol=1e-5)
+    assert relative_error(seen["conv2"][0][1], seen["conv2"][1][1]) > 1e-3
+
+
+def output_error(tmp_path, model, calib, evaluation, **settings):
+    source, output = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source))
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in calib]))
+    api.compress(source, output, Settings(calib=str(tmp_path / "calib.npz"), calib_count=10_000, batch_size=2,
+                                          validate=False, **settings))
+    compressed = onnx.load(str(output))
+    return np.mean([relative_error(run(model, f)[0], run(compressed, f)[0]) for f in evaluation])
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "spatial-svd"])
+def test_data_aware_beats_weight_only_on_anisotropic_inputs(tmp_path, rng, method):
+    weight = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    model = conv_model((2, 16, 10, 10), weight, rng.standard_normal(16), pads=[1, 1, 1, 1])
+    calib, evaluation = anisotropic_feeds(rng, 16), anisotropic_feeds(rng, 4)
+    weight_only = output_error(tmp_path, model, calib, evaluation, method=method, rank=4, data_aware=False)
+    data_aware = output_error(tmp_path, model, calib, evaluation, method=method, rank=4)
+    assert data_aware * 2 < weight_only
+    exact = output_error(tmp_path, model, calib, evaluation, method=method, rank_ratio=1.0)
+    assert exact < 1e-5
+
+
+def test_sequential_beats_independent_on_a_chain(tmp_path, rng):
+    model = residual_model(rng)
+    calib, evaluation = anisotropic_feeds(rng, 24), anisotropic_feeds(rng, 4)
+    independent = output_error(tmp_path, model, calib, evaluation, method="svd", rank=3, sequential=False)
+    sequential = output_error(tmp_path, model, calib, evaluation, method="svd", rank=3)
+    assert sequential < independent
+
+
+def test_bias_correction_and_refit_each_help(tmp_path, rng):
+    model = residual_model(rng)
+    calib, evaluation = anisotropic_feeds(rng, 16), anisotropic_feeds(rng, 4)
+    common = dict(method="cp", rank=4, sequential=False)
+    neither = output_error(tmp_path, model, calib, evaluation, refit=False, bias_correction=False, **common)
+    both = output_error(tmp_path, model, calib, evaluation, **common)
+    assert both < neither
+
+
+def test_moments_do_not_grow_with_the_calibration_set(rng):
+    small, large = data.Moments(), data.Moments()
+    for count, moments in ((2, small), (40, large)):
+        for _ in range(count):
+            moments.add(rng.standard_normal((1, 64, 9)))
+    assert small.xx.nbytes == large.xx.nbytes and large.n == 20 * small.n
