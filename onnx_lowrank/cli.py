@@ -58,9 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ranks from empirical variational Bayesian matrix factorization")
     ranks.add_argument("--target-macs", type=float, help="keep this fraction of the whole model's MACs")
     ranks.add_argument("--target-params", type=float, help="keep this fraction of the whole model's parameters")
+    ranks.add_argument("--target-latency", type=float,
+                       help="keep this fraction of the compressible layers' latency measured on --provider")
     compress.add_argument("--rank-multiple", type=int,
                           help="automatic ranks are multiples of N (default 16: onnxruntime's CPU conv block)")
     compress.add_argument("--jobs", type=int, help="factorize layers in N processes")
+    compress.add_argument("--latency-aware", action="store_true", default=None,
+                          help="keep a chain only where it is measured faster than its layer on --provider")
+    compress.add_argument("--latency-margin", type=float,
+                          help="how much faster (relative) a chain must be to count (default 0.05)")
+    compress.add_argument("--require-speedup", action="store_true",
+                          help="exit 1 when the compressed model is not measured faster end to end")
     compress.add_argument("--tiles", type=parse_tiles, help="tile grid AxB for tiled-svd (default 2x2)")
     compress.add_argument("--keep-structure", action="store_true", default=None,
                           help="keep the graph: replace each weight by its low-rank reconstruction")
@@ -179,8 +187,8 @@ def _inspect(args, console: Console) -> int:
 
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
-        "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params",
-        "rank_multiple", "jobs", "keep_structure", "eval", "data_aware", "sequential", "refit", "bias_correction", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
+        "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params", "target_latency",
+        "rank_multiple", "jobs", "latency_aware", "latency_margin", "keep_structure", "eval", "data_aware", "sequential", "refit", "bias_correction", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
         "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)
@@ -197,18 +205,30 @@ def _compress(args, console: Console) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_compression(console, report)
+    if args.require_speedup:
+        speedup = (report["validation"] or {}).get("speedup")
+        if speedup is None:
+            raise BoundError("--require-speedup: no end-to-end latency was measured (drop --no-latency/--no-validate)")
+        if speedup <= 1.0:
+            raise BoundError(f"--require-speedup: the compressed model is not faster end to end "
+                             f"(x{speedup:.2f} on {report['validation']['provider']})")
     return 0
 
 
 def _print_compression(console: Console, report: dict) -> None:
     table = Table(title=f"{report['input']} -> {report['output']}", title_justify="left")
-    for column in ("layer", "method", "ranks", "MACs before", "MACs after", "weight err", "status"):
-        table.add_column(column, justify="right" if "MACs" in column or "err" in column else "left")
+    timed = any(row.get("latency_ms_before") is not None for row in report["layers"])
+    columns = ["layer", "method", "ranks", "MACs before", "MACs after", "weight err", "output err"]
+    columns += ["ms before", "ms after"] if timed else []
+    for column in (*columns, "status"):
+        table.add_column(column, justify="left" if column in ("layer", "method", "ranks", "status") else "right")
     for row in report["layers"]:
         status = row["status"] if row["status"] == "rewritten" else f"{row['status']}: {row['reason']}"
-        error = f"{row['weight_rel_error']:.3f}" if row["weight_rel_error"] is not None else ""
-        table.add_row(row["name"], row["method"] or "", str(row["ranks"] or ""),
-                      _count(row["macs_before"]), _count(row["macs_after"]), error, status)
+        cells = [row["name"], row["method"] or "", str(row["ranks"] or ""), _count(row["macs_before"]),
+                 _count(row["macs_after"]), _number(row["weight_rel_error"]), _number(row["output_rel_error"])]
+        if timed:
+            cells += [_number(row.get("latency_ms_before")), _number(row.get("latency_ms_after"))]
+        table.add_row(*cells, status)
     console.print(table)
     totals = report["totals"]
     console.print(f"MACs {_count(totals['macs_before'])} -> {_count(totals['macs_after'])} "
@@ -279,6 +299,10 @@ def _count(value) -> str:
         if value >= limit:
             return f"{value / limit:.2f}{suffix}"
     return str(value)
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.3g}"
 
 
 def _share(part, whole) -> str:

@@ -20,7 +20,7 @@ METHOD_NAMES = ("svd", "spatial-svd", "tiled-svd", "tucker2", "cp", "cp-depthwis
 #: What `--method auto` chooses from: the methods whose error-versus-rank curve is known exactly
 #: (Eckart–Young) or bounded (HOSVD) from spectra, so the allocator compares them fairly.
 AUTO_METHODS = ("svd", "spatial-svd", "tucker2")
-POLICY_KEYS = ("rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params")
+POLICY_KEYS = ("rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params", "target_latency")
 
 
 @dataclasses.dataclass
@@ -34,7 +34,10 @@ class Settings:
     vbmf: bool = False
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
     rank_multiple: int = 16
+    latency_aware: bool = False
+    latency_margin: float = 0.05
     jobs: int = 1
     tiles: tuple[int, int] = (2, 2)
     keep_structure: bool = False
@@ -75,12 +78,13 @@ class Settings:
             self.rank_ratio = 0.5
         if self.rank is not None and self.rank < 1:
             raise InputError(f"--rank must be a positive integer, got {self.rank}")
-        for key in ("rank_ratio", "energy", "target_macs", "target_params"):
+        for key in ("rank_ratio", "energy", "target_macs", "target_params", "target_latency"):
             value = getattr(self, key)
             if value is not None and not 0 < value <= 1:
                 raise InputError(f"--{key.replace('_', '-')} must be in (0, 1], got {value}")
         if self.method == "auto" and self.budget is None:
-            raise InputError("--method auto picks methods for a budget: add --target-macs or --target-params")
+            raise InputError("--method auto picks methods for a budget: add --target-macs, --target-params "
+                             "or --target-latency")
         if self.min_metric is not None and self.metric is None:
             raise InputError("--min-metric needs a task metric: add --metric top1|detection|ctc|module:function")
         if self.rank_multiple < 1 or self.jobs < 1:
@@ -102,6 +106,8 @@ class Settings:
             return "macs", self.target_macs
         if self.target_params is not None:
             return "params", self.target_params
+        if self.target_latency is not None:
+            return "latency", self.target_latency
         return None
 
     def image_options(self):

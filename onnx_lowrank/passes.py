@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 TARGET_TOLERANCE = 0.02
 #: Input vectors turned into moments at a time: bounds the im2col buffer (rows x D floats).
 MOMENT_ROWS = 8192
+#: Chains timed per layer for --target-latency; the rest of its rank grid is interpolated.
+LATENCY_PROBES = 5
 
 Tracker = Callable[[Iterable, int, str], Iterator]
 
@@ -71,6 +73,8 @@ class LayerDecision:
     params_after: int | None = None
     weight_rel_error: float | None = None
     output_rel_error: float | None = None
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
 
     def to_dict(self) -> dict:
         layer = self.layer
@@ -81,7 +85,8 @@ class LayerDecision:
                 "macs_after": self.macs_after if rewritten else (layer.macs or 0),
                 "params_before": layer.params,
                 "params_after": self.params_after if rewritten else layer.params,
-                "weight_rel_error": self.weight_rel_error, "output_rel_error": self.output_rel_error}
+                "weight_rel_error": self.weight_rel_error, "output_rel_error": self.output_rel_error,
+                "latency_ms_before": self.latency_ms_before, "latency_ms_after": self.latency_ms_after}
 
 
 @dataclasses.dataclass
@@ -192,18 +197,24 @@ class BudgetPass(Pass):
     name = "allocate"
 
     def __init__(self, target: float, measure: str, method_names: Sequence[str],
-                 tiles: tuple[int, int] = (2, 2), multiple: int = 16):
+                 tiles: tuple[int, int] = (2, 2), multiple: int = 16, judge: LatencyJudge | None = None):
         self.target = target
         self.measure = measure
         self.method_names = tuple(method_names)
         self.tiles = tiles
         self.multiple = multiple
+        self.judge = judge
 
     def run(self, workspace, progress):
         candidates = [d for d in workspace.decisions.values() if d.reason is None]
-        total = workspace.totals_before[self.measure]
         options = [self._options(d.layer, workspace.data_spectra.get(d.layer.name, {}))
                    for d in progress(candidates, len(candidates), "error curves")]
+        if self.measure == "latency":
+            options = [self._timed(d.layer, o) for d, o in
+                       zip(candidates, progress(options, len(options), "timing layers"), strict=True)]
+            total = sum(o.dense_cost for o in options)  # the compressible layers' own latency
+        else:
+            total = workspace.totals_before[self.measure]
         fixed = total - sum(o.dense_cost for o in options)
         flag = f"--target-{self.measure}"
         allocation = ranks.allocate(options, self.target * total - fixed)
@@ -223,13 +234,37 @@ class BudgetPass(Pass):
         for decision in candidates:
             choice = allocation.choices[decision.layer.name]
             if choice is None:
-                decision.reason = "kept dense by the budget allocator (its error per MAC saved is highest)"
+                unit = {"macs": "MAC", "params": "parameter", "latency": "millisecond"}[self.measure]
+                decision.reason = f"kept dense by the budget allocator (its error per {unit} saved is the highest)"
             else:
                 decision.method, decision.ranks = choice.payload
         return PassResult(True, f"{flag} {self.target:g}: planned {kept:.3f}")
 
+    def _timed(self, layer: Layer, options: ranks.LayerOptions) -> ranks.LayerOptions:
+        """Latency costs: the layer and up to `LATENCY_PROBES` chains spread over the MAC range
+        are timed (`LatencyJudge`'s profiler); the other options' latencies are interpolated in
+        MACs between the timed ones. Options not faster than the original are dropped."""
+        from onnx_lowrank import latency
+
+        by_macs = sorted(options.options, key=lambda o: o.cost)
+        spread = np.linspace(0, len(by_macs) - 1, min(LATENCY_PROBES, len(by_macs)))
+        probes = list(dict.fromkeys(by_macs[round(i)] for i in spread))
+        chains = [methods.chain_template(layer, *probe.payload, self.tiles) for probe in probes]
+        timing = latency.profile_layer(layer, chains, provider=self.judge.provider, threads=self.judge.threads,
+                                       cache=self.judge.cache, timer=self.judge.timer)
+        measured_macs = [layer.macs] + [probe.cost for probe in probes]
+        measured_ms = [timing.original.median_ms] + [stats.median_ms for stats in timing.chains]
+        order = np.argsort(measured_macs)
+        dense = timing.original.median_ms
+        timed = []
+        for option in options.options:
+            ms = float(np.interp(option.cost, np.asarray(measured_macs)[order], np.asarray(measured_ms)[order]))
+            if ms < dense * (1 - self.judge.margin):
+                timed.append(ranks.Option(ms, option.error, option.payload))
+        return ranks.LayerOptions(layer.name, dense, timed)
+
     def _options(self, layer: Layer, measured: dict) -> ranks.LayerOptions:
-        dense = layer.macs if self.measure == "macs" else layer.params
+        dense = layer.params if self.measure == "params" else layer.macs
         found: dict[tuple, ranks.Option] = {}
         for name in self.method_names:
             method = methods.resolved_method(layer, name)
@@ -239,7 +274,7 @@ class BudgetPass(Pass):
             spectra = measured.get(method) or methods.mode_spectra(layer, method, self.tiles)
             for rank_tuple, error in _error_curve(method, full, spectra, self.multiple):
                 macs, params = chain_costs(methods.chain_template(layer, method, rank_tuple, self.tiles), layer)
-                cost = macs if self.measure == "macs" else params
+                cost = params if self.measure == "params" else macs
                 if cost < dense:
                     found.setdefault((method, rank_tuple), ranks.Option(cost, error, (method, rank_tuple)))
         return ranks.LayerOptions(layer.name, dense, list(found.values()))
@@ -309,6 +344,37 @@ def _error_curve(method: str, full: tuple[int, ...], spectra, multiple: int):
     return [((r,), e) for r, e in zip(grids[0], errors)]
 
 
+class LatencyJudge:
+    """Keeps a chain only where it is measured faster than the original layer (`--latency-aware`).
+
+    Each layer and its chain are timed alone, interleaved, on the deployment provider with the
+    layer's real input shape (`latency.profile_layer`, cached on disk); a chain must beat the
+    original's median by `margin` (relative) to count as faster, a guard against timing noise.
+    """
+
+    def __init__(self, provider: str, threads: int | None = None, margin: float = 0.05,
+                 cache=None, timer=None):
+        self.provider = provider
+        self.threads = threads
+        self.margin = margin
+        self.cache = cache
+        self.timer = timer
+
+    def __call__(self, decision: LayerDecision) -> None:
+        from onnx_lowrank import latency
+
+        if decision.status != "rewritten":
+            return
+        timing = latency.profile_layer(decision.layer, [decision.chain], provider=self.provider,
+                                       threads=self.threads, cache=self.cache, timer=self.timer)
+        decision.latency_ms_before = timing.original.median_ms
+        decision.latency_ms_after = timing.chains[0].median_ms
+        if not latency.faster_than_original(timing, self.margin)[0]:
+            decision.status = "skipped"
+            decision.reason = (f"measured no faster on {timing.provider}: {timing.chains[0].median_ms:.3f} ms "
+                               f"against {timing.original.median_ms:.3f} ms (margin {self.margin:.0%})")
+
+
 def _plan_job(job) -> "methods.Plan":
     layer, method, policy, tiles, seed, preset = job
     return methods.plan(layer, method, policy, tiles=tiles, seed=seed, ranks=preset)
@@ -323,13 +389,14 @@ class FactorizePass(Pass):
     name = "factorize"
 
     def __init__(self, method: str, policy, tiles: tuple[int, int] = (2, 2), seed: int = 0,
-                 require_savings: bool = True, jobs: int = 1):
+                 require_savings: bool = True, jobs: int = 1, judge: LatencyJudge | None = None):
         self.method = method
         self.policy = policy
         self.tiles = tiles
         self.seed = seed
         self.require_savings = require_savings
         self.jobs = jobs
+        self.judge = judge
 
     def run(self, workspace, progress):
         todo = [d for d in workspace.decisions.values() if d.reason is None]
@@ -343,6 +410,9 @@ class FactorizePass(Pass):
             plans = list(progress(map(_plan_job, work), len(work), description))
         for decision, plan in zip(todo, plans, strict=True):
             self._decide(decision, plan)
+        if self.judge is not None:
+            for decision in progress(list(workspace.rewritten), len(workspace.rewritten), "timing layers"):
+                self.judge(decision)
         done = len(workspace.rewritten)
         return PassResult(done > 0, f"{done} of {len(todo)} layers factorized")
 
@@ -377,8 +447,8 @@ class CalibratedFactorizePass(FactorizePass):
 
     def __init__(self, method: str, policy, feeds: Sequence[dict], tiles: tuple[int, int] = (2, 2),
                  seed: int = 0, sequential: bool = True, refit: bool = True, bias_correction: bool = True,
-                 provider: str = "cpu", require_savings: bool = True):
-        super().__init__(method, policy, tiles=tiles, seed=seed, require_savings=require_savings)
+                 provider: str = "cpu", require_savings: bool = True, judge: LatencyJudge | None = None):
+        super().__init__(method, policy, tiles=tiles, seed=seed, require_savings=require_savings, judge=judge)
         self.feeds = feeds
         self.sequential = sequential
         self.refit = refit
@@ -405,6 +475,8 @@ class CalibratedFactorizePass(FactorizePass):
             plan = methods.plan(layer, decision.method or self.method, self.policy, tiles=self.tiles,
                                 seed=self.seed, ranks=decision.ranks, data=fit)
             self._decide(decision, plan)
+            if self.judge is not None:
+                self.judge(decision)
             return decision.chain if decision.status == "rewritten" else None
 
         layers = [d.layer for d in workspace.decisions.values() if d.layer.subgraph is None
@@ -709,20 +781,25 @@ def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
         SelectLayersPass(settings.layers, settings.skip),
     ]
     data_aware = settings.calib is not None and settings.data_aware
+    judge = None
+    if settings.latency_aware or settings.target_latency is not None:
+        from onnx_lowrank.latency import LatencyCache
+
+        judge = LatencyJudge(settings.provider, settings.threads, settings.latency_margin, LatencyCache())
     if settings.budget is not None:
         measure, target = settings.budget
         names = AUTO_METHODS if settings.method == "auto" else (settings.method,)
         if data_aware:
             passes.append(DataSpectraPass(calib_feeds, names, settings.tiles))
-        passes.append(BudgetPass(target, measure, names, settings.tiles, settings.rank_multiple))
+        passes.append(BudgetPass(target, measure, names, settings.tiles, settings.rank_multiple, judge))
     if data_aware:
         passes.append(CalibratedFactorizePass(
             settings.method, rank_policy(settings), calib_feeds, tiles=settings.tiles, seed=settings.seed,
             sequential=settings.sequential, refit=settings.refit,
-            bias_correction=settings.bias_correction, provider="cpu"))
+            bias_correction=settings.bias_correction, provider="cpu", judge=judge))
     else:
         passes.append(FactorizePass(settings.method, rank_policy(settings), tiles=settings.tiles,
-                                    seed=settings.seed, jobs=settings.jobs))
+                                    seed=settings.seed, jobs=settings.jobs, judge=judge))
     passes.append(RewritePass())
     if settings.guarded:
         metric = load_metric(settings.metric) if settings.metric else None
