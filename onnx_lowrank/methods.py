@@ -243,11 +243,7 @@ def data_spectra(layer: Layer, method: str, moments, tiles: tuple[int, int] = (2
     if layer.op == "ConvTranspose":
         return weight_spectra
     if layer.op in ("Gemm", "MatMul"):
-        matrix = layer.matrix()
-        lowered = matrix if layer.weight_side == "left" else matrix.T
-        sigma, target = data.target_and_sigma(lowered, moments, 0)
-        values = data.whitened_svd(lowered, sigma, 1, target=target)[2]
-        return (_with_values(weight_spectra[0], (values,)),)
+        return (_with_values(weight_spectra[0], (_whitened_matrix(layer, moments, 1)[2],)),)
     weight, g = layer.weight, layer.conv.group
     if method == "spatial-svd":
         values = data.whitened_spatial_svd(weight, g, 1, moments).singular_values
@@ -361,13 +357,9 @@ def _factorize_with_data(layer: Layer, method: str, ranks, tiles, moments):
     if layer.op == "ConvTranspose":
         return None
     if layer.op in ("Gemm", "MatMul"):
-        matrix = layer.matrix()
-        # A left weight W [M, K] multiplies columns: its input vectors index W's columns too.
-        lowered = matrix if layer.weight_side == "left" else matrix.T
-        sigma, target = data.target_and_sigma(lowered, moments, 0)
-        a, b, _ = data.whitened_svd(lowered, sigma, ranks[0], target=target)
+        a, b, _ = _whitened_matrix(layer, moments, ranks[0])
         left, right = (a, b) if layer.weight_side == "left" else (b.T, a.T)
-        return _MatrixWeights(left, right, layer.weight_side, _relative(matrix, left @ right))
+        return _MatrixWeights(left, right, layer.weight_side, _relative(layer.matrix(), left @ right))
     weight, group = layer.weight, layer.conv.group
     if method == "svd":
         return data.whitened_channel_svd(weight, group, ranks[0], moments)
@@ -378,6 +370,20 @@ def _factorize_with_data(layer: Layer, method: str, ranks, tiles, moments):
     if method == "tucker2":
         return data.data_tucker2(weight, group, ranks, moments)
     return None
+
+
+def _whitened_matrix(layer: Layer, moments, rank: int):
+    """Whitened SVD `(A, B, singular values)` of a Gemm/MatMul weight as the map `y = W_rows · x`.
+
+    A weight on the right (`x·W`) maps rows through `Wᵀ`; a weight on the left (`W·X`) maps
+    the columns of X through W.
+    """
+    from onnx_lowrank.factorize import data
+
+    matrix = layer.matrix()
+    lowered = matrix if layer.weight_side == "left" else matrix.T
+    sigma, target = data.target_and_sigma(lowered, moments, 0)
+    return data.whitened_svd(lowered, sigma, rank, target=target)
 
 
 def _refit(layer: Layer, chain: Chain, factors, data_fit: DataFit, tiles) -> Chain:
