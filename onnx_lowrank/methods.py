@@ -19,6 +19,7 @@ import numpy as np
 from onnx_lowrank import factorize
 from onnx_lowrank.config import METHOD_NAMES
 from onnx_lowrank.factorize import spectra
+from onnx_lowrank.factorize.cp import max_cp_rank
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.ranks import ModeSpectrum
 from onnx_lowrank.rewrite.chain import Chain, ConvStage, MatMulStage, ShuffleStage, chain_costs
@@ -72,7 +73,8 @@ def full_ranks(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> tu
 
     svd: `min(T/g, (S/g)·Πk)` (matrix: `min(K, N)`); spatial-svd: `min((S/g)·kh, (T/g)·kw)`;
     tiled-svd: `min(T/a, (S/b)·Πk)` per tile; tucker2: `(T/g, S/g)`; cp and cp-depthwise have
-    no exact finite rank in general, so their reference is `max(T/g, S/g)`.
+    no exact finite rank in general, so their reference is `max(T/g, S/g)`, capped at the
+    largest rank the factorizer accepts (`max_cp_rank`).
     """
     method = resolved_method(layer, method)
     if layer.op in ("Gemm", "MatMul"):
@@ -91,7 +93,8 @@ def full_ranks(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> tu
         return (max(1, min(t // a, s_g // b * math.prod(kernel))),)
     if method == "tucker2":
         return (t_g, s_g)
-    return (max(t_g, s_g),)
+    bound = max_cp_rank(layer.weight.shape, layer.conv.group, flatten=method == "cp-depthwise")
+    return (min(max(t_g, s_g), bound),)
 
 
 def not_applicable(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> str | None:
@@ -219,6 +222,21 @@ def mode_spectra(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -> 
     return (output_mode,)
 
 
+#: Ridge of the least-squares refit, relative to the mean variance (data-aware.md: 1e-3 worked).
+RIDGE = 1e-3
+
+
+def shrinkage(moments) -> float:
+    """Regularisation of the input second moment `Σ + ε·(tr Σ / D)·I`, `ε = 1e-6 + D / n`.
+
+    With n input vectors of dimension D, Σ estimated from fewer vectors than dimensions is
+    rank-deficient and a whitened fit would ignore every direction the calibration set missed;
+    shrinking towards the identity (weight-only fitting) in proportion to D/n keeps a small
+    calibration set from doing worse than no calibration at all (Ledoit–Wolf-style shrinkage).
+    """
+    return 1e-6 + moments.dim / max(moments.n, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataFit:
     """How to use calibration statistics: `moments` of the layer's input vectors (see
@@ -246,14 +264,14 @@ def data_spectra(layer: Layer, method: str, moments, tiles: tuple[int, int] = (2
         return (_with_values(weight_spectra[0], (_whitened_matrix(layer, moments, 1)[2],)),)
     weight, g = layer.weight, layer.conv.group
     if method == "spatial-svd":
-        values = data.whitened_spatial_svd(weight, g, 1, moments).singular_values
+        values = data.whitened_spatial_svd(weight, g, 1, moments, eps=shrinkage(moments)).singular_values
     elif method == "tiled-svd":
-        values = tuple(v for row in data.whitened_tiled_svd(weight, tiles, 1, moments).singular_values for v in row)
+        values = tuple(v for row in data.whitened_tiled_svd(weight, tiles, 1, moments, eps=shrinkage(moments)).singular_values for v in row)
     elif method == "tucker2":
-        fitted = data.data_tucker2(weight, g, (1, 1), moments).mode_spectra
+        fitted = data.data_tucker2(weight, g, (1, 1), moments, eps=shrinkage(moments)).mode_spectra
         return (_with_values(weight_spectra[0], tuple(out for out, _ in fitted)), weight_spectra[1])
     else:
-        values = data.whitened_channel_svd(weight, g, 1, moments).singular_values
+        values = data.whitened_channel_svd(weight, g, 1, moments, eps=shrinkage(moments)).singular_values
     return (_with_values(weight_spectra[0], tuple(values)),)
 
 
@@ -362,13 +380,13 @@ def _factorize_with_data(layer: Layer, method: str, ranks, tiles, moments):
         return _MatrixWeights(left, right, layer.weight_side, _relative(layer.matrix(), left @ right))
     weight, group = layer.weight, layer.conv.group
     if method == "svd":
-        return data.whitened_channel_svd(weight, group, ranks[0], moments)
+        return data.whitened_channel_svd(weight, group, ranks[0], moments, eps=shrinkage(moments))
     if method == "spatial-svd":
-        return data.whitened_spatial_svd(weight, group, ranks[0], moments)
+        return data.whitened_spatial_svd(weight, group, ranks[0], moments, eps=shrinkage(moments))
     if method == "tiled-svd":
-        return data.whitened_tiled_svd(weight, tiles, ranks[0], moments)
+        return data.whitened_tiled_svd(weight, tiles, ranks[0], moments, eps=shrinkage(moments))
     if method == "tucker2":
-        return data.data_tucker2(weight, group, ranks, moments)
+        return data.data_tucker2(weight, group, ranks, moments, eps=shrinkage(moments))
     return None
 
 
@@ -382,8 +400,9 @@ def _whitened_matrix(layer: Layer, moments, rank: int):
 
     matrix = layer.matrix()
     lowered = matrix if layer.weight_side == "left" else matrix.T
-    sigma, target = data.target_and_sigma(lowered, moments, 0)
-    return data.whitened_svd(lowered, sigma, rank, target=target)
+    eps = shrinkage(moments)
+    sigma, target = data.target_and_sigma(lowered, moments, 0, eps=eps)
+    return data.whitened_svd(lowered, sigma, rank, target=target, eps=eps)
 
 
 def _refit(layer: Layer, chain: Chain, factors, data_fit: DataFit, tiles) -> Chain:
@@ -397,7 +416,8 @@ def _refit(layer: Layer, chain: Chain, factors, data_fit: DataFit, tiles) -> Cha
             return chain  # W·X: a refit would need the output's columns; left as fitted
         # MatMul has no bias input to shift; Gemm with beta = 0 ignores C.
         with_bias = data_fit.bias_correction and layer.op == "Gemm" and layer.gemm.beta != 0
-        last, delta = data.refit_matrix(layer.matrix(), stages[0].weight, moments, refit=data_fit.refit,
+        last, delta = data.refit_matrix(layer.matrix(), stages[0].weight, moments, ridge=RIDGE + shrinkage(moments),
+                                        refit=data_fit.refit, Q=stages[-1].weight,
                                         with_bias=with_bias)
     else:
         with_bias = data_fit.bias_correction
@@ -407,7 +427,8 @@ def _refit(layer: Layer, chain: Chain, factors, data_fit: DataFit, tiles) -> Cha
             orders[-1] = factors.shuffle_order
         last, delta = data.refit_chain([s.weight for s in convs], [s.group for s in convs],
                                        convs[-1].group, layer.conv.group, moments, layer.weight,
-                                       input_orders=orders, refit=data_fit.refit, with_bias=with_bias)
+                                       input_orders=orders, ridge=RIDGE + shrinkage(moments),
+                                       refit=data_fit.refit, with_bias=with_bias)
         last = last.reshape(convs[-1].weight.shape)
     stages[-1] = dataclasses.replace(stages[-1], weight=np.asarray(last, dtype=np.float32))
     bias = _shifted_bias(layer, delta) if with_bias else chain.bias

@@ -109,7 +109,7 @@ def test_sequential_beats_independent_on_a_chain(tmp_path, rng):
     model = residual_model(rng)
     calib, evaluation = anisotropic_feeds(rng, 24), anisotropic_feeds(rng, 4)
     independent = output_error(tmp_path, model, calib, evaluation, method="svd", rank=3, sequential=False)
-    sequential = output_error(tmp_path, model, calib, evaluation, method="svd", rank=3)
+    sequential = output_error(tmp_path, model, calib, evaluation, method="svd", rank=3, sequential=True)
     assert sequential < independent
 
 

@@ -155,10 +155,10 @@ def _cp_chain(
         raise ValueError(f"{method}: time_limit_s must be a positive number or None, found {time_limit_s!r}")
     if not isinstance(tol, numbers.Real) or not tol >= 0:
         raise ValueError(f"{method}: tol must be a number >= 0, found {tol!r}")
+    bound = max_cp_rank(kernel64.shape, groups, flatten)
     out_per_group, in_per_group, *spatial = kernel64.shape
     out_per_group //= groups
-    modes = [out_per_group, in_per_group, *([int(np.prod(spatial))] if flatten else spatial)]
-    bound = math.prod(modes) // max(modes)
+    modes = [out_per_group, in_per_group, *([math.prod(spatial)] if flatten else spatial)]
     rank = check_rank(method, rank, bound, kernel64.shape, groups=groups, limit="the largest possible CP rank")
 
     rng = np.random.default_rng(seed)
@@ -207,6 +207,15 @@ def _cp_chain(
         n_iter=max(run.sweeps for run in runs),
         stop_reason=stop_reason,
     )
+
+
+def max_cp_rank(shape: Sequence[int], groups: int = 1, flatten: bool = False) -> int:
+    """The largest rank `cp` accepts for a kernel of `shape`: `Π modes / max(modes)`, an upper
+    bound on the rank of a tensor with those modes (`[T/g, S/g, k1..kN]`, or `[T/g, S/g, Πk]`
+    for cp-depthwise, `flatten`)."""
+    out_per_group, in_per_group, *spatial = shape
+    modes = [out_per_group // groups, in_per_group, *([math.prod(spatial)] if flatten else spatial)]
+    return math.prod(modes) // max(modes)
 
 
 def _cp_tensor(

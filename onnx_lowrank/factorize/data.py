@@ -569,7 +569,10 @@ def whitened_svd(
 
 
 def regression_target(W: np.ndarray, cov_xt: np.ndarray, cov_tt: np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
-    """``W* = W Sxt regularized(Stt)^-1``: the linear map of ``p~`` closest to the original output.
+    """``W* = (W Sxt + λW)(Stt + λI)^-1``: the linear map of ``p~`` closest to the original output.
+
+    λ is `regularized`'s shrinkage; the ridge pulls W* towards W (not towards 0), so directions
+    the calibration set does not cover keep the original weights.
 
     ``W*`` minimises ``E||W p - W* p~||^2`` (normal equations ``W* Stt = W Sxt``), so for any
     ``W'``: ``E||W p - W' p~||^2 = E||W p - W* p~||^2 + E||(W* - W') p~||^2``, and the whitened
@@ -580,7 +583,9 @@ def regression_target(W: np.ndarray, cov_xt: np.ndarray, cov_tt: np.ndarray, *, 
     W64 = check_matrix(method, W)
     cov_xt = _square(method, "cov_xt", cov_xt, W64.shape[1])
     cov_tt = _square(method, "cov_tt", cov_tt, W64.shape[1])
-    return _solve_spd(method, regularized(cov_tt, eps), W64 @ cov_xt)
+    shrunk = regularized(cov_tt, eps)
+    # Ridge towards W itself: (W Sxt + λ W)(Stt + λ I)^-1, so a small calibration set moves W little.
+    return _solve_spd(method, shrunk, W64 @ cov_xt + W64 @ (shrunk - cov_tt))
 
 
 def target_and_sigma(
@@ -628,10 +633,10 @@ def _check_moments(method: str, moments: object, groups: int, dim: int) -> Momen
 
 
 def _target(stats: _GroupStats, block: np.ndarray, eps: float) -> np.ndarray:
-    """The map to fit: W itself (p~ = p) or the regression target ``W Sxt Stt^-1``."""
+    """The map to fit: W itself (p~ = p) or the regression target (:func:`regression_target`)."""
     if not stats.paired:
         return block
-    return _solve_spd("regression_target", regularized(stats.tt, eps), block @ stats.xt)
+    return regression_target(block, stats.xt, stats.tt, eps=eps)
 
 
 # ----------------------------------------------------------------------------- data-aware SVDs
@@ -926,13 +931,15 @@ def data_tucker2(
 
 
 def refit_last(
-    W_rows: np.ndarray, H: np.ndarray, cov_xt: np.ndarray, cov_tt: np.ndarray, ridge: float = 1e-3
+    W_rows: np.ndarray, H: np.ndarray, cov_xt: np.ndarray, cov_tt: np.ndarray, ridge: float = 1e-3,
+    prior: np.ndarray | None = None,
 ) -> np.ndarray:
     """The last factor ``A [m, q]`` of a chain given its earlier stages ``H [q, D]``, by ridge least squares.
 
-    Minimises ``E||W p - A H p~||^2 + λ ||A||_F^2`` (W = ``W_rows [m, D]``, the original map):
+    Minimises ``E||W p - A H p~||^2 + λ ||A - A0||_F^2`` (W = ``W_rows [m, D]``, the original
+    map, A0 = `prior` or 0):
 
-        ``A = W Sxt H^T (H Stt H^T + λ I)^-1``,   ``λ = ridge * trace(H Stt H^T) / q``
+        ``A = (W Sxt H^T + λ A0)(H Stt H^T + λ I)^-1``,   ``λ = ridge * trace(H Stt H^T) / q``
 
     (λ relative to the mean variance of the last stage's inputs; ``ridge`` when that is 0).
     Pass centred covariances (and add :func:`bias_shift`) for the joint optimum of weight and
@@ -958,7 +965,10 @@ def refit_last(
     if lam <= 0:
         lam = float(ridge) if ridge > 0 else 0.0
     gram = gram + lam * np.eye(size)
-    return _solve_spd(method, gram, W64 @ cov_xt @ H64.T)
+    rhs = W64 @ cov_xt @ H64.T
+    if prior is not None:  # ridge towards the factor as factorized, not towards 0
+        rhs = rhs + lam * np.asarray(prior, dtype=np.float64).reshape(rhs.shape)
+    return _solve_spd(method, gram, rhs)
 
 
 def bias_shift(
@@ -1098,10 +1108,8 @@ def refit_chain(
         H = _lift(first[block * mid_per_block : (block + 1) * mid_per_block], last_kernel, spatial)
         rows = slice(block * out_block, (block + 1) * out_block)
         W_rows = kernel64[rows].reshape(out_block, dim)
-        if refit:
-            A = refit_last(W_rows, H, stats.xt, stats.tt, ridge)
-        else:
-            A = np.asarray(last[rows], dtype=np.float64).reshape(out_block, -1)
+        current = np.asarray(last[rows], dtype=np.float64).reshape(out_block, -1)
+        A = refit_last(W_rows, H, stats.xt, stats.tt, ridge, prior=current) if refit else current
         new_last[rows] = A.reshape(out_block, mid_per_block, *last_kernel)
         if with_bias:
             delta[rows] = bias_shift(W_rows, A, H, stats.mean_x, stats.mean_t)
@@ -1183,7 +1191,7 @@ def refit_matrix(
     moments = _check_moments(method, moments, 1, W64.shape[0])
     stats = moments.group(0, centered=with_bias and refit)
     if refit:
-        A = refit_last(W64.T, P64.T, stats.xt, stats.tt, ridge)
+        A = refit_last(W64.T, P64.T, stats.xt, stats.tt, ridge, prior=None if Q is None else np.asarray(Q).T)
     else:
         if Q is None:
             raise ValueError(f"{method}: refit=False needs the current second factor Q")
