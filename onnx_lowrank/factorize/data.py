@@ -834,6 +834,11 @@ class DataTuckerFactors(TuckerFactors):
         return math.nan
 
 
+def _unit_trace(matrix: np.ndarray) -> np.ndarray:
+    trace = float(np.trace(matrix))
+    return matrix / trace if trace > 0 else matrix
+
+
 def data_tucker2(
     kernel: np.ndarray,
     groups: int,
@@ -886,20 +891,32 @@ def data_tucker2(
         stats = moments.group(index)
         block = kernel64[index * out_g : (index + 1) * out_g].reshape(out_g, dim)
         target = _target(stats, block, eps)
-        out_values, out_basis = leading_eigh(target @ stats.tt @ target.T, rank_out or 0)
+        # Both modes shrink towards weight-only HOSVD as eps grows (few calibration vectors):
+        # the output mode through the regularised second moment, the input mode by blending the
+        # data's channel second moment with the kernel's input-mode Gram matrix.
+        out_values, out_basis = leading_eigh(target @ regularized(stats.tt, eps) @ target.T, rank_out or 0)
         channel = np.einsum("akbk->ab", stats.tt.reshape(in_g, taps, in_g, taps))
+        kernel_gram = np.einsum("tak,tbk->ab", *(block.reshape(out_g, in_g, taps),) * 2)
+        channel = _unit_trace(channel) + eps * _unit_trace(kernel_gram)
         in_values, in_basis = leading_eigh(channel, rank_in or 0)
-        numerator = block @ stats.xt  # W Sxt [T/g, D]
-        if rank_out is not None:
-            numerator = out_basis.T @ numerator
+        def project(rows: np.ndarray) -> np.ndarray:
+            """`Uᵀ · rows · Zᵀ`: a `[T/g, D]` map expressed in the reduced bases."""
+            if rank_out is not None:
+                rows = out_basis.T @ rows
+            if rank_in is None:
+                return rows
+            rows = np.tensordot(rows.reshape(-1, in_g, taps), in_basis, axes=(1, 0))
+            return rows.transpose(0, 2, 1).reshape(-1, rank_in * taps)
+
+        numerator = project(block @ stats.xt)  # Uᵀ W Sxt Zᵀ
         if rank_in is None:
             gram = stats.tt
         else:
-            numerator = np.tensordot(numerator.reshape(-1, in_g, taps), in_basis, axes=(1, 0))
-            numerator = numerator.transpose(0, 2, 1).reshape(-1, rank_in * taps)
             reduced = np.tensordot(in_basis, stats.tt.reshape(in_g, taps, in_g, taps), axes=(0, 0))
             gram = np.tensordot(reduced, in_basis, axes=(2, 0)).transpose(0, 1, 3, 2).reshape(rank_in * taps, -1)
-        core = _solve_spd(method, regularized(gram, eps), numerator)
+        shrunk = regularized(gram, eps)
+        # Ridge towards the weight-only core Uᵀ W Zᵀ, not towards 0.
+        core = _solve_spd(method, shrunk, numerator + project(block) @ (shrunk - gram))
         stages = []
         if rank_in is not None:
             stages.append(in_basis.T.reshape(rank_in, in_g, *ones))
