@@ -16,7 +16,8 @@ from onnx_lowrank.errors import InputError
 
 __all__ = ["METHOD_NAMES", "Settings", "load_config"]
 
-METHOD_NAMES = ("svd", "spatial-svd", "tiled-svd", "tucker2", "cp", "cp-depthwise")
+METHOD_NAMES = ("svd", "spatial-svd", "tiled-svd", "tucker2", "cp", "cp-depthwise", "versatile",
+                "versatile-channel")
 #: What `--method auto` chooses from: the methods whose error-versus-rank curve is known exactly
 #: (Eckart–Young) or bounded (HOSVD) from spectra, so the allocator compares them fairly.
 AUTO_METHODS = ("svd", "spatial-svd", "tucker2")
@@ -82,6 +83,8 @@ class Settings:
             value = getattr(self, key)
             if value is not None and not 0 < value <= 1:
                 raise InputError(f"--{key.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.method.startswith("versatile") and self.budget is not None:
+            raise InputError(f"--method {self.method} has no rank to allocate: use it without a budget")
         if self.method == "auto" and self.budget is None:
             raise InputError("--method auto picks methods for a budget: add --target-macs, --target-params "
                              "or --target-latency")

@@ -22,7 +22,7 @@ from onnx_lowrank.factorize import spectra
 from onnx_lowrank.factorize.cp import max_cp_rank
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.ranks import ModeSpectrum
-from onnx_lowrank.rewrite.chain import Chain, ConvStage, MatMulStage, ShuffleStage, chain_costs
+from onnx_lowrank.rewrite.chain import Chain, ConvStage, MatMulStage, ShuffleStage, VersatileChain, chain_costs
 
 __all__ = ["METHOD_NAMES", "DataFit", "Plan", "chain_kernel", "chain_template", "data_spectra", "full_ranks", "mode_spectra", "not_applicable",
            "plan", "resolved_method"]
@@ -45,11 +45,16 @@ def _is_pointwise(layer: Layer) -> bool:
     return layer.op == "Conv" and all(k == 1 for k in layer.weight.shape[2:])
 
 
+VERSATILE = ("versatile", "versatile-channel")
+
+
 def resolved_method(layer: Layer, method: str) -> str:
     """The method actually used: "svd" for matrix layers and pointwise convolutions; a
     ConvTranspose takes "tucker2" for every method but "svd" (its two exact rewrites)."""
     if layer.op in ("Gemm", "MatMul") or _is_pointwise(layer):
         return "svd"
+    if method in VERSATILE:
+        return method
     if layer.op == "ConvTranspose" and method != "svd":
         return "tucker2"
     return method
@@ -102,6 +107,11 @@ def not_applicable(layer: Layer, method: str, tiles: tuple[int, int] = (2, 2)) -
     method = resolved_method(layer, method)
     if method not in METHOD_NAMES:
         return f"unknown method {method}"
+    if method in VERSATILE:
+        from onnx_lowrank.rewrite import versatile
+
+        return (versatile.spatial_versatile_reason(layer) if method == "versatile"
+                else versatile.channel_versatile_reason(layer))
     if method == "spatial-svd" and layer.weight.ndim != 4:
         return f"spatial SVD needs a 2-D kernel; this one is {layer.weight.ndim - 2}-D"
     if method == "tiled-svd":
@@ -293,6 +303,8 @@ def plan(layer: Layer, method: str, policy, tiles: tuple[int, int] = (2, 2), see
     reason = not_applicable(layer, method, tiles)
     if reason is not None:
         return Plan(method, skip_reason=reason)
+    if method in VERSATILE:
+        return _versatile_plan(layer, method)
     if ranks is None:
         spectra_needed = getattr(policy, "uses_spectra", True)
         ranks = policy.ranks(full_ranks(layer, method, tiles),
@@ -390,6 +402,26 @@ def _factorize_with_data(layer: Layer, method: str, ranks, tiles, moments):
     return None
 
 
+def _versatile_plan(layer: Layer, method: str) -> Plan:
+    """Versatile filters fitted to the trained kernel (Wang et al., NeurIPS 2018): spatial
+    (ceil(d/2) nested masks of one primary per group of filters) or channel (a primary of S/2
+    channels sliding with stride S/2). Weight-only; no rank: the structure fixes the cost."""
+    from onnx_lowrank.factorize import versatile
+
+    try:
+        if method == "versatile":
+            factors = versatile.spatial_versatile(layer.weight, layer.conv.group)
+        else:
+            half = layer.weight.shape[1] // 2
+            factors = versatile.channel_versatile(layer.weight, half, half)
+    except ValueError as exc:
+        return Plan(method, skip_reason=str(exc))
+    chain = VersatileChain(method, tuple(factors.ranks), factors)
+    macs, params = chain_costs(chain, layer)
+    bias = 0 if layer.bias is None else layer.bias.size
+    return Plan(method, chain.ranks, chain, macs, params + bias, float(factors.rel_error))
+
+
 def _whitened_matrix(layer: Layer, moments, rank: int):
     """Whitened SVD `(A, B, singular values)` of a Gemm/MatMul weight as the map `y = W_rows · x`.
 
@@ -462,6 +494,8 @@ def chain_kernel(layer: Layer, chain: Chain) -> np.ndarray:
         first, second = (stage.weight.astype(np.float64) for stage in chain.stages)
         matrix = second @ first if layer.weight_side == "left" else first @ second
         return matrix.T if layer.op == "Gemm" and layer.gemm.trans_b else matrix
+    if isinstance(chain, VersatileChain):
+        return chain.factors.to_tensor().astype(np.float64)
     if layer.op == "ConvTranspose":
         return _transpose_kernel(layer, chain)
     convs, orders, shuffle = [], [], None

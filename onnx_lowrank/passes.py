@@ -466,7 +466,8 @@ class CalibratedFactorizePass(FactorizePass):
             decision = todo.get(layer.name)
             if decision is None:
                 return None
-            if layer.op == "ConvTranspose":  # weight-only: no patch statistics for it yet
+            if layer.op == "ConvTranspose" or methods.resolved_method(layer, decision.method or self.method) \
+                    in methods.VERSATILE:  # weight-only fits: no patch statistics for them
                 self._decide(decision, methods.plan(layer, decision.method or self.method, self.policy,
                                                     tiles=self.tiles, seed=self.seed, ranks=decision.ranks))
                 return decision.chain if decision.status == "rewritten" else None

@@ -14,7 +14,7 @@ from onnx_lowrank.factorize import project
 DIGITS = "models/digits_cnn.onnx"
 
 
-@pytest.mark.parametrize("method", ["svd", "spatial-svd", "tucker2", "cp"])
+@pytest.mark.parametrize("method", ["svd", "spatial-svd", "tucker2", "cp", "versatile", "versatile-channel"])
 def test_keep_structure_equals_the_rewrite(tmp_path, method):
     feed = {"input": np.load("models/digits_test.npz")["input"][:32]}
     outputs = {}

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_lowrank.graph import Layer
 
-__all__ = ["Chain", "ConvStage", "MatMulStage", "ShuffleStage", "apply_chain", "chain_costs"]
+__all__ = ["Chain", "ConvStage", "VersatileChain", "MatMulStage", "ShuffleStage", "apply_chain", "chain_costs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +143,10 @@ def chain_costs(chain: Chain, layer: Layer) -> tuple[int, int]:
 
     Conv stage: `prod(output) · prod(weight[1:])`; product stage: `prod(output) · K`.
     """
+    if isinstance(chain, VersatileChain):
+        from onnx_lowrank.rewrite.versatile import versatile_costs
+
+        return versatile_costs(layer, chain.factors)
     shape = layer.input_shape
     if layer.gemm is not None and layer.gemm.trans_a:
         shape = shape[::-1]
@@ -159,7 +163,25 @@ def chain_costs(chain: Chain, layer: Layer) -> tuple[int, int]:
     return macs, chain.params + bias
 
 
-def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain,
+@dataclasses.dataclass(frozen=True)
+class VersatileChain:
+    """Versatile filters (Wang et al.) in place of a Conv: not a linear chain of stages but
+    parallel convolutions of cropped primaries, built by `rewrite.versatile`."""
+
+    method: str
+    ranks: tuple[int, ...]
+    factors: object
+    bias: np.ndarray | None = None
+
+    def describe(self, layer: Layer) -> str:
+        return f"onnx-lowrank: {self.method} with {list(self.ranks)} primaries replacing {layer.op} '{layer.name}'"
+
+    @property
+    def params(self) -> int:
+        return self.factors.n_params
+
+
+def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain | VersatileChain,
                 replace: bool = True) -> list[gs.Node]:
     """Replace `node` in `graph` by the chain's nodes and return them.
 
@@ -168,6 +190,8 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain,
     With `replace=False` the chain runs beside the node instead, from the same input, into a new
     tensor `<node name>/lowrank/probe` (to measure the chain's own error).
     """
+    if isinstance(chain, VersatileChain):
+        return _apply_versatile(graph, node, layer, chain, replace)
     data_index = 1 if layer.op == "MatMul" and layer.weight_side == "left" else 0
     current = node.inputs[data_index]
     output = node.outputs[0] if replace else gs.Variable(f"{node.name}/lowrank/probe",
@@ -196,6 +220,22 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain,
     if replace:
         node.outputs.clear()
     graph.nodes.extend(built)
+    return built
+
+
+def _apply_versatile(graph: gs.Graph, node: gs.Node, layer: Layer, chain: VersatileChain,
+                     replace: bool) -> list[gs.Node]:
+    from onnx_lowrank.rewrite import versatile
+
+    target = node
+    if not replace:  # a twin of the node writing a probe tensor, for the chain's own error
+        probe = gs.Variable(f"{node.name}/versatile/probe", dtype=node.outputs[0].dtype)
+        target = gs.Node("Conv", node.name, dict(node.attrs), list(node.inputs), [probe])
+        graph.nodes.append(target)
+    build = versatile.apply_spatial_versatile if chain.method == "versatile" else versatile.apply_channel_versatile
+    built = build(graph, target, layer, chain.factors)
+    if not replace:
+        target.outputs.clear()
     return built
 
 
