@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, TypeVar
@@ -208,10 +208,17 @@ def check_rank(
     return rank
 
 
-def per_group(kernel: np.ndarray, groups: int, factor_one: Callable[[np.ndarray], _T]) -> list[_T]:
-    """Apply ``factor_one`` to each group's slice ``W[i*T/g:(i+1)*T/g]`` (shape ``[T/g, S/g, k..]``)."""
+def per_group(
+    kernel: np.ndarray, groups: int, factor_one: Callable[..., _T], *per_group_args: Iterable[object]
+) -> list[_T]:
+    """Apply ``factor_one`` to each group's slice ``W[i*T/g:(i+1)*T/g]`` (shape ``[T/g, S/g, k..]``).
+
+    Group i's call also gets the i-th item of each of ``per_group_args`` (e.g. its moments),
+    drawn lazily, one group at a time.
+    """
     size = kernel.shape[0] // groups
-    return [factor_one(kernel[i * size : (i + 1) * size]) for i in range(groups)]
+    blocks = (kernel[i * size : (i + 1) * size] for i in range(groups))
+    return [factor_one(*args) for args in zip(blocks, *per_group_args, strict=True)]
 
 
 def stack_groups(per_group_stages: Sequence[Sequence[np.ndarray]]) -> tuple[np.ndarray, ...]:

@@ -10,6 +10,8 @@ reconstruction is accurate even where the small singular values are not.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +35,22 @@ __all__ = [
     "MatrixFactors",
     "SVDFactors",
     "TiledSVDFactors",
+    "channel_factors",
     "channel_svd",
+    "check_channel_svd",
+    "check_spatial_svd",
+    "check_tiles",
     "lowrank",
+    "spatial_factors",
+    "spatial_matrix",
     "spatial_svd",
+    "tiled_factors",
     "tiled_svd",
     "truncated_svd",
 ]
+
+# A factorizer of one lowered matrix: ``(left [m, r], right [r, n], all singular values)``.
+LowRank = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,31 +192,8 @@ def channel_svd(kernel: np.ndarray, rank: int, groups: int = 1) -> SVDFactors:
     Raises:
         ValueError: bad kernel, groups or rank.
     """
-    method = "channel_svd"
-    kernel64 = check_kernel(method, kernel)
-    groups = check_groups(method, groups, kernel64.shape)
-    out_per_group, in_per_group, *spatial = kernel64.shape
-    out_per_group //= groups
-    full = min(out_per_group, in_per_group * int(np.prod(spatial)))
-    rank = check_rank(method, rank, full, kernel64.shape, groups=groups)
-    ones = [1] * len(spatial)
-
-    def factor_one(block: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        left, right, values = lowrank(block.reshape(out_per_group, -1), rank)
-        return [right.reshape(rank, in_per_group, *spatial), left.reshape(out_per_group, rank, *ones)], values
-
-    results = per_group(kernel64, groups, factor_one)
-    return build(
-        SVDFactors,
-        kernel64,
-        method="svd",
-        shape=tuple(kernel64.shape),
-        ranks=(rank,),
-        stages=stack_groups([stages for stages, _ in results]),
-        groups_per_stage=(groups, groups),
-        groups=groups,
-        singular_values=tuple(values for _, values in results),
-    )
+    kernel64, groups, rank = check_channel_svd("channel_svd", kernel, groups, rank)
+    return channel_factors(kernel64, groups, rank, lambda lowered: lowrank(lowered, rank))
 
 
 def spatial_svd(kernel: np.ndarray, rank: int, groups: int = 1) -> SVDFactors:
@@ -224,32 +213,8 @@ def spatial_svd(kernel: np.ndarray, rank: int, groups: int = 1) -> SVDFactors:
     Raises:
         ValueError: not a 2-D conv kernel, bad groups or rank.
     """
-    method = "spatial_svd"
-    kernel64 = check_kernel(method, kernel, spatial_dims=(2,))
-    groups = check_groups(method, groups, kernel64.shape)
-    out_channels, in_per_group, kh, kw = kernel64.shape
-    out_per_group = out_channels // groups
-    rank = check_rank(method, rank, min(in_per_group * kh, out_per_group * kw), kernel64.shape, groups=groups)
-
-    def factor_one(block: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        matrix = block.transpose(1, 2, 0, 3).reshape(in_per_group * kh, out_per_group * kw)
-        left, right, values = lowrank(matrix, rank)
-        first = left.T.reshape(rank, in_per_group, kh, 1)
-        second = right.reshape(rank, out_per_group, kw).transpose(1, 0, 2)[:, :, None, :]
-        return [first, second], values
-
-    results = per_group(kernel64, groups, factor_one)
-    return build(
-        SVDFactors,
-        kernel64,
-        method="spatial-svd",
-        shape=tuple(kernel64.shape),
-        ranks=(rank,),
-        stages=stack_groups([stages for stages, _ in results]),
-        groups_per_stage=(groups, groups),
-        groups=groups,
-        singular_values=tuple(values for _, values in results),
-    )
+    kernel64, groups, rank = check_spatial_svd("spatial_svd", kernel, groups, rank)
+    return spatial_factors(kernel64, groups, rank, lambda block: lowrank(spatial_matrix(block), rank))
 
 
 def tiled_svd(kernel: np.ndarray, tiles: tuple[int, int], rank: int, groups: int = 1) -> TiledSVDFactors:
@@ -281,6 +246,36 @@ def tiled_svd(kernel: np.ndarray, tiles: tuple[int, int], rank: int, groups: int
     groups = check_int(method, "groups", groups)
     if groups != 1:
         raise ValueError(f"{method}: needs an ungrouped kernel (groups=1), found groups={groups}")
+    tiles, rank = check_tiles(method, kernel64, tiles, rank)
+    lowered = kernel64.reshape(kernel64.shape[0], -1)
+    return tiled_factors(kernel64, lowered, tiles, rank, lambda tile, _: lowrank(tile, rank))
+
+
+# ----------------------------------------------------------------------------- shared layouts
+# The weight-only factorizations above and the data-aware ones (``data.py``) differ only in how
+# one lowered matrix is factored; validation, the stage layout and the result are built here.
+
+
+def check_channel_svd(method: str, kernel: object, groups: object, rank: object) -> tuple[np.ndarray, int, int]:
+    """Validate a channel-SVD call: the kernel (float64), groups and the rank ``1..min(T/g, (S/g)*prod(k))``."""
+    kernel64 = check_kernel(method, kernel)
+    groups = check_groups(method, groups, kernel64.shape)
+    out_channels, in_per_group, *spatial = kernel64.shape
+    full = min(out_channels // groups, in_per_group * math.prod(spatial))
+    return kernel64, groups, check_rank(method, rank, full, kernel64.shape, groups=groups)
+
+
+def check_spatial_svd(method: str, kernel: object, groups: object, rank: object) -> tuple[np.ndarray, int, int]:
+    """Validate a spatial-SVD call: a 2-D kernel (float64), groups and the rank ``1..min((S/g)*kh, (T/g)*kw)``."""
+    kernel64 = check_kernel(method, kernel, spatial_dims=(2,))
+    groups = check_groups(method, groups, kernel64.shape)
+    out_channels, in_per_group, kh, kw = kernel64.shape
+    full = min(in_per_group * kh, out_channels // groups * kw)
+    return kernel64, groups, check_rank(method, rank, full, kernel64.shape, groups=groups)
+
+
+def check_tiles(method: str, kernel64: np.ndarray, tiles: object, rank: object) -> tuple[tuple[int, int], int]:
+    """Validate the tiles ``(a, b)`` of an ungrouped kernel and the per-tile rank; return both."""
     if not isinstance(tiles, tuple | list) or len(tiles) != 2:
         raise ValueError(f"{method}: tiles must be a pair (row tiles, column tiles), found {tiles!r}")
     rows = check_int(method, "row tiles", tiles[0])
@@ -290,17 +285,105 @@ def tiled_svd(kernel: np.ndarray, tiles: tuple[int, int], rank: int, groups: int
         raise ValueError(f"{method}: {rows} row tiles do not divide {out_channels} output channels")
     if in_channels % cols:
         raise ValueError(f"{method}: {cols} column tiles do not divide {in_channels} input channels")
-    tile_out, tile_in = out_channels // rows, in_channels // cols
-    full = min(tile_out, tile_in * int(np.prod(spatial)))
-    rank = check_rank(method, rank, full, kernel64.shape, what=f"kernel's {rows}x{cols} tiles")
+    full = min(out_channels // rows, in_channels // cols * math.prod(spatial))
+    return (rows, cols), check_rank(method, rank, full, kernel64.shape, what=f"kernel's {rows}x{cols} tiles")
 
+
+def _svd_result(method: str, kernel64: np.ndarray, rank: int, groups: int, results: list) -> SVDFactors:
+    """The two-stage result from per-group ``(stages, singular values)``."""
+    return build(
+        SVDFactors,
+        kernel64,
+        method=method,
+        shape=tuple(kernel64.shape),
+        ranks=(rank,),
+        stages=stack_groups([stages for stages, _ in results]),
+        groups_per_stage=(groups, groups),
+        groups=groups,
+        singular_values=tuple(values for _, values in results),
+    )
+
+
+def channel_factors(
+    kernel64: np.ndarray,
+    groups: int,
+    rank: int,
+    factor_group: Callable[..., LowRank],
+    *per_group_args: Iterable[object],
+) -> SVDFactors:
+    """The channel-SVD chain of a validated kernel from a factorizer of each lowered group weight.
+
+    ``factor_group(W_g [T/g, (S/g)*prod(k)], *args) -> (A [T/g, r], B [r, (S/g)*prod(k)], values)``
+    with ``W_g ~ A B`` (``args``: group g's item of each of ``per_group_args``). Stages
+    ``[g*r, S/g, k..]`` (B, group g) then ``[T, r, 1..]`` (A, group g).
+    """
+    _, in_per_group, *spatial = kernel64.shape
+    ones = [1] * len(spatial)
+
+    def factor_one(block: np.ndarray, *args: object) -> tuple[list[np.ndarray], np.ndarray]:
+        left, right, values = factor_group(block.reshape(block.shape[0], -1), *args)
+        return [right.reshape(rank, in_per_group, *spatial), left.reshape(block.shape[0], rank, *ones)], values
+
+    results = per_group(kernel64, groups, factor_one, *per_group_args)
+    return _svd_result("svd", kernel64, rank, groups, results)
+
+
+def spatial_matrix(block: np.ndarray) -> np.ndarray:
+    """``M[(s, i), (t, j)] = W[t, s, i, j]`` of a group's kernel ``[T/g, S/g, kh, kw]``: ``((S/g)*kh) x ((T/g)*kw)``."""
+    out_per_group, in_per_group, kh, kw = block.shape
+    return block.transpose(1, 2, 0, 3).reshape(in_per_group * kh, out_per_group * kw)
+
+
+def spatial_factors(
+    kernel64: np.ndarray,
+    groups: int,
+    rank: int,
+    factor_group: Callable[..., LowRank],
+    *per_group_args: Iterable[object],
+) -> SVDFactors:
+    """The spatial-SVD chain of a validated 2-D kernel from a factorizer of each group's kernel.
+
+    ``factor_group(W_g [T/g, S/g, kh, kw], *args) -> (P [(S/g)*kh, r], Q [r, (T/g)*kw], values)``
+    with ``spatial_matrix(W_g) ~ P Q``. Stages ``[g*r, S/g, kh, 1]`` (``V1[r, s, i, 0] = P[(s, i), r]``)
+    then ``[T, r, 1, kw]`` (``V2[t, r, 0, j] = Q[r, (t, j)]``), both group g.
+    """
+    out_channels, in_per_group, kh, kw = kernel64.shape
+    out_per_group = out_channels // groups
+
+    def factor_one(block: np.ndarray, *args: object) -> tuple[list[np.ndarray], np.ndarray]:
+        left, right, values = factor_group(block, *args)
+        first = left.T.reshape(rank, in_per_group, kh, 1)
+        second = right.reshape(rank, out_per_group, kw).transpose(1, 0, 2)[:, :, None, :]
+        return [first, second], values
+
+    results = per_group(kernel64, groups, factor_one, *per_group_args)
+    return _svd_result("spatial-svd", kernel64, rank, groups, results)
+
+
+def tiled_factors(
+    kernel64: np.ndarray,
+    lowered: np.ndarray,
+    tiles: tuple[int, int],
+    rank: int,
+    factor_tile: Callable[[np.ndarray, int], LowRank],
+) -> TiledSVDFactors:
+    """The tiled-SVD chain of a validated kernel ``[T, S, k..]`` from a factorizer of each tile.
+
+    ``lowered [T, S*prod(k)]`` is the matrix whose tiles are factored (the kernel lowered, or a
+    data-aware target of it); ``factor_tile(tile [T/a, (S/b)*prod(k)], j) -> (A_ij, B_ij, values)``
+    for the tile in column block j. Stage layout, groups and shuffle as in :func:`tiled_svd`.
+    """
+    rows, cols = tiles
+    out_channels, in_channels, *spatial = kernel64.shape
+    tile_out, tile_in = out_channels // rows, in_channels // cols
+    width = lowered.shape[1] // cols
     first = np.empty((cols, rows, rank, tile_in, *spatial))
     second = np.empty((rows, tile_out, cols, rank))
     values = [[np.empty(0)] * cols for _ in range(rows)]
     for i in range(rows):
         for j in range(cols):
-            tile = kernel64[i * tile_out : (i + 1) * tile_out, j * tile_in : (j + 1) * tile_in]
-            left, right, values[i][j] = lowrank(tile.reshape(tile_out, -1), rank)
+            tile = lowered[i * tile_out : (i + 1) * tile_out, j * width : (j + 1) * width]
+            left, right, values[i][j] = factor_tile(tile, j)
             first[j, i] = right.reshape(rank, tile_in, *spatial)
             second[i, :, j] = left
     ones = [1] * len(spatial)
