@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -26,7 +27,9 @@ from .base import (
     stack_groups,
 )
 
-__all__ = ["TuckerFactors", "hosvd_error_bound", "tucker2"]
+__all__ = ["TuckerFactors", "check_tucker_ranks", "hosvd_error_bound", "tucker2", "tucker_result", "tucker_stages"]
+
+_TF = TypeVar("_TF", bound="TuckerFactors")
 
 # HOOI stops once an iteration raises ||G||^2 (= ||W||^2 - error^2) by less than this fraction.
 HOOI_RTOL = 1e-10
@@ -105,17 +108,7 @@ def tucker2(
     kernel64 = check_kernel(method, kernel)
     groups = check_groups(method, groups, kernel64.shape)
     n_iter_max = check_int(method, "n_iter_max", n_iter_max, minimum=0)
-    if not isinstance(ranks, tuple | list) or len(ranks) != 2:
-        raise ValueError(f"{method}: ranks must be a pair (Rt, Rs), found {ranks!r}")
-    if ranks[0] is None and ranks[1] is None:
-        raise ValueError(f"{method}: ranks (None, None) factor no mode; give Rt, Rs or both")
-    out_per_group, in_per_group, *spatial = kernel64.shape
-    out_per_group //= groups
-    rank_out, rank_in = (
-        None if rank is None else check_rank(method, rank, full, kernel64.shape, name=label, groups=groups)
-        for rank, full, label in zip(ranks, (out_per_group, in_per_group), ("output rank", "input rank"), strict=True)
-    )
-    ones = [1] * len(spatial)
+    rank_out, rank_in = check_tucker_ranks(method, ranks, kernel64.shape, groups)
 
     def factor_one(block: np.ndarray) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray], int]:
         values_out, basis_out = mode_basis(block, 0, rank_out or 0)
@@ -126,31 +119,77 @@ def tucker2(
         iterations = 0
         if out_basis is not None and in_basis is not None:
             out_basis, in_basis, iterations = _hooi(block, out_basis, in_basis, n_iter_max)
-        stages = []
-        if in_basis is not None:
-            stages.append(in_basis.T.reshape(rank_in, in_per_group, *ones))
-        stages.append(_core(block, out_basis, in_basis))
-        if out_basis is not None:
-            stages.append(out_basis.reshape(out_per_group, rank_out, *ones))
-        return stages, spectra, iterations
+        return tucker_stages(in_basis, _core(block, out_basis, in_basis), out_basis), spectra, iterations
 
     results = per_group(kernel64, groups, factor_one)
-    stages = stack_groups([stages for stages, _, _ in results])
+    return tucker_result(
+        TuckerFactors,
+        kernel64,
+        groups,
+        (rank_out, rank_in),
+        [(stages, spectra) for stages, spectra, _ in results],
+        n_iter=max(iterations for _, _, iterations in results),
+    )
+
+
+# ----------------------------------------------------------------------------- shared layout
+# The HOSVD above and the data-aware fit (``data.data_tucker2``) differ only in how the bases
+# and the core are computed; the rank checks, stage layout and result are built here.
+
+
+def check_tucker_ranks(
+    method: str, ranks: object, shape: Sequence[int], groups: int
+) -> tuple[int | None, int | None]:
+    """Validate ``ranks = (Rt, Rs)`` (each ``1..T/g`` / ``1..S/g`` or None, not both None) for a kernel."""
+    if not isinstance(ranks, tuple | list) or len(ranks) != 2:
+        raise ValueError(f"{method}: ranks must be a pair (Rt, Rs), found {ranks!r}")
+    if ranks[0] is None and ranks[1] is None:
+        raise ValueError(f"{method}: ranks (None, None) factor no mode; give Rt, Rs or both")
+    rank_out, rank_in = (
+        None if rank is None else check_rank(method, rank, full, shape, name=label, groups=groups)
+        for rank, full, label in zip(ranks, (shape[0] // groups, shape[1]), ("output rank", "input rank"), strict=True)
+    )
+    return rank_out, rank_in
+
+
+def tucker_stages(in_basis: np.ndarray | None, core: np.ndarray, out_basis: np.ndarray | None) -> list[np.ndarray]:
+    """One group's chain: ``V^T [Rs, S/g, 1..]`` (input mode factored), the core, ``U [T/g, Rt, 1..]`` (output mode)."""
+    ones = [1] * (core.ndim - 2)
+    stages = []
+    if in_basis is not None:
+        stages.append(in_basis.T.reshape(in_basis.shape[1], in_basis.shape[0], *ones))
+    stages.append(core)
+    if out_basis is not None:
+        stages.append(out_basis.reshape(*out_basis.shape, *ones))
+    return stages
+
+
+def tucker_result(
+    cls: type[_TF],
+    kernel64: np.ndarray,
+    groups: int,
+    ranks: tuple[int | None, int | None],
+    results: Sequence[tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray]]],
+    n_iter: int,
+) -> _TF:
+    """The ``cls`` result from per-group ``(tucker_stages, mode spectra)``; a None rank keeps its mode."""
+    rank_out, rank_in = ranks
+    stages = stack_groups([stages for stages, _ in results])
     if rank_out is not None and rank_in is not None:
         variant = "tucker2"
     else:
         variant = "tucker1-out" if rank_in is None else "tucker1-in"
     return build(
-        TuckerFactors,
+        cls,
         kernel64,
         method=variant,
         shape=tuple(kernel64.shape),
-        ranks=(rank_out or out_per_group, rank_in or in_per_group),
+        ranks=(rank_out or kernel64.shape[0] // groups, rank_in or kernel64.shape[1]),
         stages=stages,
         groups_per_stage=(groups,) * len(stages),
         groups=groups,
-        mode_spectra=tuple(spectra for _, spectra, _ in results),
-        n_iter=max(iterations for _, _, iterations in results),
+        mode_spectra=tuple(spectra for _, spectra in results),
+        n_iter=n_iter,
     )
 
 
