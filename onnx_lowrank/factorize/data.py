@@ -43,7 +43,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import (
     ConvFactors,
-    build,
     check_groups,
     check_int,
     check_kernel,
@@ -52,11 +51,22 @@ from .base import (
     compose_chain,
     fmt_shape,
     leading_eigh,
+    per_group,
     relative_error,
-    stack_groups,
 )
-from .svd import SVDFactors, TiledSVDFactors, lowrank
-from .tucker import TuckerFactors
+from .svd import (
+    SVDFactors,
+    TiledSVDFactors,
+    channel_factors,
+    check_channel_svd,
+    check_spatial_svd,
+    check_tiles,
+    lowrank,
+    spatial_factors,
+    spatial_matrix,
+    tiled_factors,
+)
+from .tucker import TuckerFactors, check_tucker_ranks, tucker_result, tucker_stages
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
@@ -632,6 +642,11 @@ def _check_moments(method: str, moments: object, groups: int, dim: int) -> Momen
     return moments
 
 
+def _group_stats(moments: Moments, groups: int) -> Iterator[_GroupStats]:
+    """Each group's (non-centred) statistics in turn, for :func:`per_group`."""
+    return (moments.group(index) for index in range(groups))
+
+
 def _target(stats: _GroupStats, block: np.ndarray, eps: float) -> np.ndarray:
     """The map to fit: W itself (p~ = p) or the regression target (:func:`regression_target`)."""
     if not stats.paired:
@@ -666,32 +681,13 @@ def whitened_channel_svd(
         ValueError: bad kernel, groups, rank or moments.
     """
     method = "whitened_channel_svd"
-    kernel64 = check_kernel(method, kernel)
-    groups = check_groups(method, groups, kernel64.shape)
-    out_g, in_g, *spatial = kernel64.shape
-    out_g //= groups
-    dim = in_g * math.prod(spatial)
-    rank = check_rank(method, rank, min(out_g, dim), kernel64.shape, groups=groups)
-    moments = _check_moments(method, moments, groups, dim)
-    ones = [1] * len(spatial)
-    stages, spectra = [], []
-    for index in range(groups):
-        stats = moments.group(index)
-        block = kernel64[index * out_g : (index + 1) * out_g].reshape(out_g, dim)
-        left, right, values = whitened_svd(block, stats.tt, rank, _target(stats, block, eps), eps=eps)
-        stages.append([right.reshape(rank, in_g, *spatial), left.reshape(out_g, rank, *ones)])
-        spectra.append(values)
-    return build(
-        SVDFactors,
-        kernel64,
-        method="svd",
-        shape=tuple(kernel64.shape),
-        ranks=(rank,),
-        stages=stack_groups(stages),
-        groups_per_stage=(groups, groups),
-        groups=groups,
-        singular_values=tuple(spectra),
-    )
+    kernel64, groups, rank = check_channel_svd(method, kernel, groups, rank)
+    moments = _check_moments(method, moments, groups, math.prod(kernel64.shape[1:]))
+
+    def factor_group(lowered: np.ndarray, stats: _GroupStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return whitened_svd(lowered, stats.tt, rank, _target(stats, lowered, eps), eps=eps)
+
+    return channel_factors(kernel64, groups, rank, factor_group, _group_stats(moments, groups))
 
 
 def whitened_spatial_svd(
@@ -714,36 +710,17 @@ def whitened_spatial_svd(
         ValueError: not a 2-D kernel, bad groups, rank or moments.
     """
     method = "whitened_spatial_svd"
-    kernel64 = check_kernel(method, kernel, spatial_dims=(2,))
-    groups = check_groups(method, groups, kernel64.shape)
-    out_channels, in_g, kh, kw = kernel64.shape
-    out_g = out_channels // groups
-    rank = check_rank(method, rank, min(in_g * kh, out_g * kw), kernel64.shape, groups=groups)
-    dim = in_g * kh * kw
-    moments = _check_moments(method, moments, groups, dim)
-    stages, spectra = [], []
-    for index in range(groups):
-        stats = moments.group(index)
-        block = kernel64[index * out_g : (index + 1) * out_g]
-        block = _target(stats, block.reshape(out_g, dim), eps).reshape(block.shape)
+    kernel64, groups, rank = check_spatial_svd(method, kernel, groups, rank)
+    _, in_g, kh, kw = kernel64.shape
+    moments = _check_moments(method, moments, groups, in_g * kh * kw)
+
+    def factor_group(block: np.ndarray, stats: _GroupStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        target = _target(stats, block.reshape(block.shape[0], -1), eps).reshape(block.shape)
         vertical = np.einsum("sijtkj->sitk", stats.tt.reshape(in_g, kh, kw, in_g, kh, kw)) / kw
-        matrix = block.transpose(1, 2, 0, 3).reshape(in_g * kh, out_g * kw)
-        left_t, right_t, values = whitened_svd(matrix.T, vertical.reshape(in_g * kh, in_g * kh), rank, eps=eps)
-        first = right_t.reshape(rank, in_g, kh, 1)
-        second = left_t.T.reshape(rank, out_g, kw).transpose(1, 0, 2)[:, :, None, :]
-        stages.append([first, second])
-        spectra.append(values)
-    return build(
-        SVDFactors,
-        kernel64,
-        method="spatial-svd",
-        shape=tuple(kernel64.shape),
-        ranks=(rank,),
-        stages=stack_groups(stages),
-        groups_per_stage=(groups, groups),
-        groups=groups,
-        singular_values=tuple(spectra),
-    )
+        left_t, right_t, values = whitened_svd(spatial_matrix(target).T, vertical.reshape(in_g * kh, -1), rank, eps=eps)
+        return right_t.T, left_t.T, values  # M^T ~ A B, so M ~ B^T A^T
+
+    return spatial_factors(kernel64, groups, rank, factor_group, _group_stats(moments, groups))
 
 
 def whitened_tiled_svd(
@@ -771,49 +748,18 @@ def whitened_tiled_svd(
     """
     method = "whitened_tiled_svd"
     kernel64 = check_kernel(method, kernel)
-    if not isinstance(tiles, tuple | list) or len(tiles) != 2:
-        raise ValueError(f"{method}: tiles must be a pair (row tiles, column tiles), found {tiles!r}")
-    rows = check_int(method, "row tiles", tiles[0])
-    cols = check_int(method, "column tiles", tiles[1])
+    tiles, rank = check_tiles(method, kernel64, tiles, rank)
     out_channels, in_channels, *spatial = kernel64.shape
-    if out_channels % rows:
-        raise ValueError(f"{method}: {rows} row tiles do not divide {out_channels} output channels")
-    if in_channels % cols:
-        raise ValueError(f"{method}: {cols} column tiles do not divide {in_channels} input channels")
-    tile_out, tile_in = out_channels // rows, in_channels // cols
-    taps = math.prod(spatial)
-    width = tile_in * taps
-    rank = check_rank(method, rank, min(tile_out, width), kernel64.shape, what=f"kernel's {rows}x{cols} tiles")
-    moments = _check_moments(method, moments, 1, in_channels * taps)
+    moments = _check_moments(method, moments, 1, in_channels * math.prod(spatial))
     stats = moments.group(0)
-    lowered = _target(stats, kernel64.reshape(out_channels, -1), eps)
-    first = np.empty((cols, rows, rank, tile_in, *spatial))
-    second = np.empty((rows, tile_out, cols, rank))
-    values = [[np.empty(0)] * cols for _ in range(rows)]
-    for j in range(cols):
+    width = in_channels // tiles[1] * math.prod(spatial)
+
+    def factor_tile(tile: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         columns = slice(j * width, (j + 1) * width)
-        sigma = stats.tt[columns, columns]
-        for i in range(rows):
-            tile = lowered[i * tile_out : (i + 1) * tile_out, columns]
-            left, right, values[i][j] = whitened_svd(tile, sigma, rank, eps=eps)
-            first[j, i] = right.reshape(rank, tile_in, *spatial)
-            second[i, :, j] = left
-    ones = [1] * len(spatial)
-    return build(
-        TiledSVDFactors,
-        kernel64,
-        method="tiled-svd",
-        shape=tuple(kernel64.shape),
-        ranks=(rank,),
-        stages=(
-            first.reshape(cols * rows * rank, tile_in, *spatial),
-            second.reshape(out_channels, cols * rank, *ones),
-        ),
-        groups_per_stage=(cols, rows),
-        groups=1,
-        tiles=(rows, cols),
-        singular_values=tuple(tuple(row) for row in values),
-    )
+        return whitened_svd(tile, stats.tt[columns, columns], rank, eps=eps)
+
+    lowered = _target(stats, kernel64.reshape(out_channels, -1), eps)
+    return tiled_factors(kernel64, lowered, tiles, rank, factor_tile)
 
 
 # ----------------------------------------------------------------------------- data-aware Tucker-2
@@ -872,24 +818,15 @@ def data_tucker2(
     method = "data_tucker2"
     kernel64 = check_kernel(method, kernel)
     groups = check_groups(method, groups, kernel64.shape)
-    if not isinstance(ranks, tuple | list) or len(ranks) != 2:
-        raise ValueError(f"{method}: ranks must be a pair (Rt, Rs), found {ranks!r}")
-    if ranks[0] is None and ranks[1] is None:
-        raise ValueError(f"{method}: ranks (None, None) factor no mode; give Rt, Rs or both")
+    rank_out, rank_in = check_tucker_ranks(method, ranks, kernel64.shape, groups)
     out_g, in_g, *spatial = kernel64.shape
     out_g //= groups
-    rank_out, rank_in = (
-        None if rank is None else check_rank(method, rank, full, kernel64.shape, name=label, groups=groups)
-        for rank, full, label in zip(ranks, (out_g, in_g), ("output rank", "input rank"), strict=True)
-    )
     taps = math.prod(spatial)
     dim = in_g * taps
     moments = _check_moments(method, moments, groups, dim)
-    ones = [1] * len(spatial)
-    per_group_stages, spectra = [], []
-    for index in range(groups):
-        stats = moments.group(index)
-        block = kernel64[index * out_g : (index + 1) * out_g].reshape(out_g, dim)
+
+    def factor_one(block: np.ndarray, stats: _GroupStats) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        block = block.reshape(out_g, dim)
         target = _target(stats, block, eps)
         # Both modes shrink towards weight-only HOSVD as eps grows (few calibration vectors):
         # the output mode through the regularised second moment, the input mode by blending the
@@ -917,31 +854,15 @@ def data_tucker2(
         shrunk = regularized(gram, eps)
         # Ridge towards the weight-only core Uᵀ W Zᵀ, not towards 0.
         core = _solve_spd(method, shrunk, numerator + project(block) @ (shrunk - gram))
-        stages = []
-        if rank_in is not None:
-            stages.append(in_basis.T.reshape(rank_in, in_g, *ones))
-        stages.append(core.reshape(core.shape[0], rank_in or in_g, *spatial))
-        if rank_out is not None:
-            stages.append(out_basis.reshape(out_g, rank_out, *ones))
-        per_group_stages.append(stages)
-        spectra.append((np.sqrt(out_values), np.sqrt(in_values)))
-    stages = stack_groups(per_group_stages)
-    if rank_out is not None and rank_in is not None:
-        variant = "tucker2"
-    else:
-        variant = "tucker1-out" if rank_in is None else "tucker1-in"
-    return build(
-        DataTuckerFactors,
-        kernel64,
-        method=variant,
-        shape=tuple(kernel64.shape),
-        ranks=(rank_out or out_g, rank_in or in_g),
-        stages=stages,
-        groups_per_stage=(groups,) * len(stages),
-        groups=groups,
-        mode_spectra=tuple(spectra),
-        n_iter=0,
-    )
+        stages = tucker_stages(
+            None if rank_in is None else in_basis,
+            core.reshape(core.shape[0], rank_in or in_g, *spatial),
+            None if rank_out is None else out_basis,
+        )
+        return stages, (np.sqrt(out_values), np.sqrt(in_values))
+
+    results = per_group(kernel64, groups, factor_one, _group_stats(moments, groups))
+    return tucker_result(DataTuckerFactors, kernel64, groups, (rank_out, rank_in), results, n_iter=0)
 
 
 # ----------------------------------------------------------------------------- refits
