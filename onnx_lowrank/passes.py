@@ -7,6 +7,7 @@ a pipeline in order, times each pass, logs it and hands the progress display to 
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import dataclasses
 import json
@@ -110,13 +111,14 @@ class Workspace:
         return [d for d in self.decisions.values() if d.status == "rewritten"]
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base class: settings in `__init__`, work in `run`."""
 
     name = "pass"
 
+    @abc.abstractmethod
     def run(self, workspace: Workspace, progress: Tracker) -> PassResult:
-        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+        """Do the pass's work on `workspace`; say what changed."""
 
 
 class CanonicalizePass(Pass):
