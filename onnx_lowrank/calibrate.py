@@ -24,11 +24,13 @@ from onnx_lowrank.graph import Layer
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 
-__all__ = ["layer_vectors", "walk_layers"]
+__all__ = ["layer_vectors", "output_gains", "walk_layers"]
 
 log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
+#: Final activations whose input, not output, `output_gains` compares.
+SQUASHING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid", "Tanh"})
 Visitor = Callable[[Layer, list[np.ndarray], list[np.ndarray]], Chain | None]
 
 
@@ -47,7 +49,8 @@ def _referenced(node: onnx.NodeProto) -> set[str]:
 class _Segments:
     """The canonical model's main-graph nodes, with liveness, cut into runnable sub-models."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, kept: Iterable[str] = ()):
+        """`kept`: tensors to keep to the end, like the graph outputs."""
         self.model = model
         self.nodes = list(model.graph.node)
         self.initializers = {t.name: t for t in model.graph.initializer}
@@ -56,8 +59,8 @@ class _Segments:
         for index, names in enumerate(self.reads):
             for name in names:
                 self.last_use[name] = index
-        for output in model.graph.output:
-            self.last_use[output.name] = len(self.nodes)
+        for name in [output.name for output in model.graph.output] + list(kept):
+            self.last_use[name] = len(self.nodes)
 
     def build(self, start: int, stop: int, available: dict[str, np.dtype]) -> tuple[onnx.ModelProto, list[str]] | None:
         """A model of nodes[start:stop] reading live tensors; its outputs are the tensors still needed."""
@@ -147,6 +150,90 @@ def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence
         for state in worlds:
             segments.forget(state, position)
         start = position + 1
+
+
+def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence[Feed],
+                 relative_noise: float = 0.05, seed: int = 0, provider: str = "cpu",
+                 progress: Callable[[Iterable, int, str], Iterable] | None = None) -> dict[str, float]:
+    """How strongly a relative error at each layer's output reaches the model's outputs.
+
+    For layer l with output ``y = Wx`` (bias excluded), Gaussian noise ``δ`` of relative size
+    ``ε = ‖δ‖/‖y‖`` (per sample) is added to the layer's output, the rest of the model is run, and
+
+        g_l = mean over samples and float outputs of (‖Δout‖² / ‖out‖²) / ε²
+
+    is the layer's gain: to first order, a factorization whose relative squared output error is
+    ``e_l`` costs the model ``g_l · e_l`` of relative squared output error. An output computed by a
+    final squashing activation (`SQUASHING`) is measured before it: a saturated softmax or sigmoid
+    hides small perturbations, not the errors of a deep cut. One walk over the original model;
+    each layer's suffix then runs once on the perturbed copy (about half a forward pass per layer).
+    """
+    outputs = _measured_outputs(model)
+    segments = _Segments(model, kept=outputs)
+    positions = {node.name: index for index, node in enumerate(segments.nodes)}
+    order = sorted((positions[layer.name], layer) for layer in layers if layer.name in positions)
+    state = {name: [feed[name] for feed in feeds] for name in feeds[0]}
+    reference = None
+    rng = np.random.default_rng(seed)
+    gains: dict[str, float] = {}
+    start = 0
+    steps = progress(order, len(order), "output gains") if progress else order
+    for position, layer in steps:
+        built = segments.build(start, position + 1, {n: v[0].dtype for n, v in state.items()})
+        if built is not None:
+            _run(*built, state, provider)
+        segments.forget(state, position)
+        start = position + 1
+        name = layer.outputs[0]
+        suffix = segments.build(start, len(segments.nodes), {n: v[0].dtype for n, v in state.items()})
+        if reference is None:
+            reference = _final_outputs(suffix, state, outputs, provider)
+        perturbed = dict(state)
+        perturbed[name], noise = zip(*(_perturbed(y, _signal(layer, y), relative_noise, rng) for y in state[name]))
+        changed = _final_outputs(suffix, perturbed, outputs, provider)
+        ratios = [np.sum((c - r) ** 2) / max(np.sum(r ** 2), 1e-30) / e ** 2
+                  for out in reference for r, c, e in zip(reference[out], changed[out], noise, strict=True) if e > 0]
+        if ratios:
+            gains[layer.name] = float(np.mean(ratios))
+    return gains
+
+
+def _measured_outputs(model: onnx.ModelProto) -> list[str]:
+    """The graph outputs, each taken before its producer if that is a squashing activation."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    measured = []
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        squashed = node is not None and node.op_type in SQUASHING and len(node.output) == 1
+        measured.append(node.input[0] if squashed else output.name)
+    return list(dict.fromkeys(measured))
+
+
+def _signal(layer: Layer, y: np.ndarray) -> np.ndarray:
+    """The layer's output without its bias (what the factorization's relative error refers to)."""
+    if layer.bias is None:
+        return y
+    if layer.op in ("Conv", "ConvTranspose"):
+        return y - layer.bias.reshape((1, -1) + (1,) * (y.ndim - 2))
+    return y - layer.bias
+
+
+def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.random.Generator):
+    """`y` plus Gaussian noise of norm `relative·‖signal‖`, and the relative size realised."""
+    noise = rng.standard_normal(y.shape)
+    scale = relative * np.linalg.norm(signal) / max(np.linalg.norm(noise), 1e-30)
+    size = relative if np.linalg.norm(signal) > 0 else 0.0
+    return (y + scale * noise).astype(y.dtype), size
+
+
+def _final_outputs(suffix, state: dict[str, list[np.ndarray]], outputs: list[str],
+                   provider: str) -> dict[str, list[np.ndarray]]:
+    """The model's float outputs per batch, running `suffix` (the nodes after a layer) on a copy of `state`."""
+    state = dict(state)
+    if suffix is not None:
+        _run(*suffix, state, provider)
+    return {name: [np.asarray(v, dtype=np.float64) for v in state[name]] for name in outputs
+            if name in state and np.issubdtype(state[name][0].dtype, np.floating)}
 
 
 def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):

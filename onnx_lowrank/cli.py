@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep the last factor of each chain as factorized")
     fitting.add_argument("--no-bias-correction", dest="bias_correction", action="store_false", default=None,
                          help="keep the original bias")
+    fitting.add_argument("--no-output-weighting", dest="output_weighting", action="store_false", default=None,
+                         help="budgets: weigh every layer's output error alike, not by its effect on the "
+                              "model's outputs")
     guard = compress.add_argument_group("error guard (roll back layers until the bound holds)")
     guard.add_argument("--max-error", type=float, help="largest relative output error of one layer")
     guard.add_argument("--min-cosine", type=float, help="smallest cosine of any model output with the original")
@@ -188,7 +191,7 @@ def _inspect(args, console: Console) -> int:
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
         "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params", "target_latency",
-        "rank_multiple", "jobs", "latency_aware", "latency_margin", "keep_structure", "eval", "data_aware", "sequential", "refit", "bias_correction", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
+        "rank_multiple", "jobs", "latency_aware", "latency_margin", "keep_structure", "eval", "data_aware", "sequential", "refit", "bias_correction", "output_weighting", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
         "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)

@@ -51,6 +51,7 @@ class Settings:
     sequential: bool = True
     refit: bool = True
     bias_correction: bool = True
+    output_weighting: bool = True
     calib_count: int = 16
     batch_size: int | None = None
     resize: int | None = None

