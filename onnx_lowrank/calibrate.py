@@ -158,9 +158,10 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     """How strongly a relative error at each layer's output reaches the model's outputs.
 
     For layer l with output ``y = Wx`` (bias excluded), Gaussian noise ``δ`` of relative size
-    ``ε = ‖δ‖/‖y‖`` (per sample) is added to the layer's output, the rest of the model is run, and
+    ``ε = ‖δ‖/‖y‖`` (per calibration batch) is added to the layer's output, the rest of the model
+    is run, and
 
-        g_l = mean over samples and float outputs of (‖Δout‖² / ‖out‖²) / ε²
+        g_l = mean over batches and float outputs of (‖Δout‖² / ‖out‖²) / ε²
 
     is the layer's gain: to first order, a factorization whose relative squared output error is
     ``e_l`` costs the model ``g_l · e_l`` of relative squared output error. An output computed by a
