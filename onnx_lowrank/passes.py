@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 TARGET_TOLERANCE = 0.02
 #: Input vectors turned into moments at a time: bounds the im2col buffer (rows x D floats).
 MOMENT_ROWS = 8192
+#: How messages name each budget's measure.
+MEASURE_NAMES = {"macs": "MACs", "params": "parameters", "latency": "latency"}
 #: Chains timed per layer for --target-latency; the rest of its rank grid is interpolated.
 LATENCY_PROBES = 5
 #: Calibration samples `OutputGainsPass` perturbs: gains are averages, a few samples suffice.
@@ -229,8 +231,8 @@ class BudgetPass(Pass):
         if not allocation.feasible:
             lowest = (fixed + allocation.lowest_cost) / total
             raise InputError(f"{flag} {self.target:g} is unreachable with these settings; the lowest "
-                             f"reachable is {lowest:.3f} of the model's {self.measure} with ranks in steps "
-                             f"of {self.multiple} (a smaller --rank-multiple reaches lower)")
+                             f"reachable is {lowest:.3f} of the model's {MEASURE_NAMES[self.measure]} with ranks "
+                             f"in steps of {self.multiple} (a smaller --rank-multiple reaches lower)")
         if (fixed + allocation.cost) / total < self.target - TARGET_TOLERANCE:
             # The rank grid is coarse: allow the upper half of the band rather than undershoot.
             allocation = ranks.allocate(options, (self.target + TARGET_TOLERANCE) * total - fixed)

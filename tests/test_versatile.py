@@ -297,6 +297,8 @@ def test_builders_refuse_other_layers(rng):
     assert "square kernel" in spatial_versatile_reason(inspect(non_square).layers[0])
     one_d = conv_model((1, 4, 6), rng.standard_normal((8, 4, 3)))
     assert "2-D convolution" in spatial_versatile_reason(inspect(one_d).layers[0])
+    single_channel = conv_model((1, 1, 6, 6), rng.standard_normal((8, 1, 3, 3)))
+    assert "at least 2 input channels" in channel_versatile_reason(inspect(single_channel).layers[0])
     model = conv_model((1, 4, 6, 6), rng.standard_normal((8, 4, 3, 3)))
     wrong = spatial_versatile(rng.standard_normal((8, 4, 5, 5)))
     with pytest.raises(ValueError, match=r"factors are of a \[8, 4, 5, 5\] kernel"):

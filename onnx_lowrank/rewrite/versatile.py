@@ -101,6 +101,8 @@ def channel_versatile_reason(layer: Layer) -> str | None:
     if layer.conv.group != 1:
         return (f"{what} need an ungrouped convolution (a primary's channel windows would cross "
                 f"groups); '{layer.name}' has {layer.conv.group} groups")
+    if layer.weight.shape[1] < 2:
+        return f"{what} need at least 2 input channels to share; '{layer.name}' has 1"
     return None
 
 
