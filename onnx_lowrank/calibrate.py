@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
@@ -29,6 +30,8 @@ __all__ = ["layer_vectors", "output_gains", "walk_layers"]
 log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
+#: Bytes of calibration activations a walk keeps in memory; the rest wait on disk.
+ACTIVATION_MEMORY = 512 << 20
 #: Final activations whose input, not output, `output_gains` compares.
 SQUASHING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid", "Tanh"})
 Visitor = Callable[[Layer, list[np.ndarray], list[np.ndarray]], Chain | None]
@@ -83,22 +86,33 @@ class _Segments:
         segment.ir_version = min(self.model.ir_version, runtime_max_ir_version())
         return segment, outputs
 
-    def forget(self, state: dict[str, list[np.ndarray]], position: int) -> None:
+    def forget(self, state: dict[str, Batches], position: int) -> None:
         """Drop tensors nobody reads after `position`."""
         for name in [n for n in state if self.last_use.get(n, -1) <= position]:
             del state[name]
 
 
-def _run(model: onnx.ModelProto, outputs: list[str], state: dict[str, list[np.ndarray]],
-         provider: str) -> None:
+def _run(model: onnx.ModelProto, outputs: list[str], state: dict[str, Batches], provider: str,
+         budget: ActivationBudget) -> None:
+    """Run `model` batch by batch on the tensors in `state`; store its `outputs` there."""
     from onnx_lowrank.validate import make_session
 
     session = make_session(model, provider)
     names = [i.name for i in session.get_inputs()]
     count = len(next(iter(state.values())))
-    results = [session.run(outputs, {name: state[name][i] for name in names}) for i in range(count)]
-    for index, name in enumerate(outputs):
-        state[name] = [values[index] for values in results]
+    produced = {name: Batches() for name in outputs}
+    for i in range(count):
+        for name, value in zip(outputs, session.run(outputs, {name: state[name][i] for name in names}), strict=True):
+            produced[name].append(budget.keep(value))
+    state.update(produced)
+
+
+def _dtypes(state: dict[str, Batches]) -> dict[str, np.dtype]:
+    return {name: batches.dtype for name, batches in state.items()}
+
+
+def _inputs(feeds: Sequence[Feed]) -> dict[str, Batches]:
+    return {name: Batches(feed[name] for feed in feeds) for name in feeds[0]}
 
 
 def _single_layer_model(model: onnx.ModelProto, layer: Layer, chain: Chain | None,
@@ -129,27 +143,30 @@ def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence
     segments = _Segments(model)
     positions = {node.name: index for index, node in enumerate(segments.nodes)}
     order = sorted((positions[layer.name], layer) for layer in layers if layer.name in positions)
-    original = {name: [feed[name] for feed in feeds] for name in feeds[0]}
-    compressed = {name: list(values) for name, values in original.items()} if sequential else None
+    original = _inputs(feeds)
+    compressed = dict(original) if sequential else None
     worlds = [original] + ([compressed] if sequential else [])
+    budget = ActivationBudget(ACTIVATION_MEMORY)
     start = 0
     steps = progress(order, len(order), "calibrating") if progress else order
-    for position, layer in steps:
-        for state in worlds:
-            built = segments.build(start, position, {n: v[0].dtype for n, v in state.items()})
-            if built is not None:
-                _run(*built, state, provider)
-        data = layer.inputs[1] if layer.op == "MatMul" and layer.weight_side == "left" else layer.inputs[0]
-        xs = original[data]
-        xts = compressed[data] if sequential else xs
-        chain = visit(layer, xs, xts)
-        dtype = xs[0].dtype
-        for state, used in ((original, None), *(((compressed, chain),) if sequential else ())):
-            single = _single_layer_model(model, layer, used, segments, position, dtype)
-            _run(single, list(layer.outputs[:1]), state, provider)
-        for state in worlds:
-            segments.forget(state, position)
-        start = position + 1
+    try:
+        for position, layer in steps:
+            for state in worlds:
+                built = segments.build(start, position, _dtypes(state))
+                if built is not None:
+                    _run(*built, state, provider, budget)
+            data = layer.inputs[1] if layer.op == "MatMul" and layer.weight_side == "left" else layer.inputs[0]
+            xs = original[data]
+            xts = compressed[data] if sequential else xs
+            chain = visit(layer, xs, xts)
+            for state, used in ((original, None), *(((compressed, chain),) if sequential else ())):
+                single = _single_layer_model(model, layer, used, segments, position, xs.dtype)
+                _run(single, list(layer.outputs[:1]), state, provider, budget)
+            for state in worlds:
+                segments.forget(state, position)
+            start = position + 1
+    finally:
+        budget.close()
 
 
 def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence[Feed],
@@ -173,29 +190,35 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     segments = _Segments(model, kept=outputs)
     positions = {node.name: index for index, node in enumerate(segments.nodes)}
     order = sorted((positions[layer.name], layer) for layer in layers if layer.name in positions)
-    state = {name: [feed[name] for feed in feeds] for name in feeds[0]}
+    state = _inputs(feeds)
+    budget = ActivationBudget(ACTIVATION_MEMORY)
     reference = None
     rng = np.random.default_rng(seed)
     gains: dict[str, float] = {}
     start = 0
     steps = progress(order, len(order), "output gains") if progress else order
-    for position, layer in steps:
-        built = segments.build(start, position + 1, {n: v[0].dtype for n, v in state.items()})
-        if built is not None:
-            _run(*built, state, provider)
-        segments.forget(state, position)
-        start = position + 1
-        name = layer.outputs[0]
-        suffix = segments.build(start, len(segments.nodes), {n: v[0].dtype for n, v in state.items()})
-        if reference is None:
-            reference = _final_outputs(suffix, state, outputs, provider)
-        perturbed = dict(state)
-        perturbed[name], noise = zip(*(_perturbed(y, _signal(layer, y), relative_noise, rng) for y in state[name]))
-        changed = _final_outputs(suffix, perturbed, outputs, provider)
-        ratios = [np.sum((c - r) ** 2) / max(np.sum(r ** 2), 1e-30) / e ** 2
-                  for out in reference for r, c, e in zip(reference[out], changed[out], noise, strict=True) if e > 0]
-        if ratios:
-            gains[layer.name] = float(np.mean(ratios))
+    try:
+        for position, layer in steps:
+            built = segments.build(start, position + 1, _dtypes(state))
+            if built is not None:
+                _run(*built, state, provider, budget)
+            segments.forget(state, position)
+            start = position + 1
+            name = layer.outputs[0]
+            suffix = segments.build(start, len(segments.nodes), _dtypes(state))
+            if reference is None:
+                reference = _final_outputs(suffix, state, outputs, provider, budget)
+            perturbed = dict(state)
+            batches, noise = zip(*(_perturbed(y, _signal(layer, y), relative_noise, rng) for y in state[name]))
+            perturbed[name] = budget.batches(batches)
+            changed = _final_outputs(suffix, perturbed, outputs, provider, budget)
+            ratios = [np.sum((c - r) ** 2) / max(np.sum(r ** 2), 1e-30) / e ** 2
+                      for out in reference for r, c, e in zip(reference[out], changed[out], noise, strict=True)
+                      if e > 0]
+            if ratios:
+                gains[layer.name] = float(np.mean(ratios))
+    finally:
+        budget.close()
     return gains
 
 
@@ -227,14 +250,14 @@ def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.rando
     return (y + scale * noise).astype(y.dtype), size
 
 
-def _final_outputs(suffix, state: dict[str, list[np.ndarray]], outputs: list[str],
-                   provider: str) -> dict[str, list[np.ndarray]]:
+def _final_outputs(suffix, state: dict[str, Batches], outputs: list[str], provider: str,
+                   budget: ActivationBudget) -> dict[str, list[np.ndarray]]:
     """The model's float outputs per batch, running `suffix` (the nodes after a layer) on a copy of `state`."""
     state = dict(state)
     if suffix is not None:
-        _run(*suffix, state, provider)
+        _run(*suffix, state, provider, budget)
     return {name: [np.asarray(v, dtype=np.float64) for v in state[name]] for name in outputs
-            if name in state and np.issubdtype(state[name][0].dtype, np.floating)}
+            if name in state and np.issubdtype(state[name].dtype, np.floating)}
 
 
 def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
