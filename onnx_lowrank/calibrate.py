@@ -14,6 +14,7 @@ reconstruction).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ from onnx_lowrank.graph import Layer
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 
-__all__ = ["layer_vectors", "output_gains", "walk_layers"]
+__all__ = ["layer_vectors", "output_gains", "vector_count", "walk_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,31 @@ def _final_outputs(suffix, state: dict[str, Batches], outputs: list[str], provid
         _run(*suffix, state, provider, budget)
     return {name: [np.asarray(v, dtype=np.float64) for v in state[name]] for name in outputs
             if name in state and np.issubdtype(state[name].dtype, np.floating)}
+
+
+def vector_count(layer: Layer, x: np.ndarray) -> int:
+    """How many vectors (per group) `layer_vectors` yields for `x`, without forming them.
+
+    Conv: ``B · Π out_n`` with ``out_n = ⌊(d_n + b_n + e_n - (k_n - 1)·δ_n - 1) / s_n⌋ + 1``.
+    """
+    if layer.op == "Conv":
+        from onnx_lowrank.factorize import data
+
+        conv = layer.conv
+        n = len(conv.kernel_shape)
+        strides = conv.strides or (1,) * n
+        dilations = conv.dilations or (1,) * n
+        pads = conv.pads
+        if pads is None:
+            pads = data.same_pads(x.shape[2:], conv.kernel_shape, strides, dilations, conv.auto_pad)
+        sizes = [(size + pads[i] + pads[i + n] - (k - 1) * d - 1) // s + 1 for i, (size, k, s, d)
+                 in enumerate(zip(x.shape[2:], conv.kernel_shape, strides, dilations, strict=True))]
+        return x.shape[0] * math.prod(sizes)
+    if layer.op == "Gemm":
+        return x.shape[1] if layer.gemm.trans_a else x.shape[0]
+    if layer.weight_side == "right":
+        return math.prod(x.shape[:-1])
+    return math.prod(x.shape[:-2]) * x.shape[-1]
 
 
 def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):

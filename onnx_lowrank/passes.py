@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 TARGET_TOLERANCE = 0.02
 #: Input vectors turned into moments at a time: bounds the im2col buffer (rows x D floats).
 MOMENT_ROWS = 8192
+#: Input vectors a layer's moments are estimated from, at most (about): a random subset past it.
+MOMENT_SAMPLE_ROWS = 65536
 #: How messages name each budget's measure.
 MEASURE_NAMES = {"macs": "MACs", "params": "parameters", "latency": "latency"}
 #: Chains timed per layer for --target-latency; the rest of its rank grid is interpolated.
@@ -361,20 +364,32 @@ def _first_samples(feeds: Sequence[dict], samples: int) -> list[dict]:
     return chosen
 
 
-def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None):
-    """Second moments of the layer's input vectors over all batches (paired with `xts` if given)."""
+def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None,
+                  rows: int = MOMENT_SAMPLE_ROWS):
+    """Second moments of the layer's input vectors over all batches (paired with `xts` if given).
+
+    A layer that sees more than about `rows` vectors in the whole calibration set (a conv at high
+    resolution: one per output position and image) uses a uniform random subset of them, the
+    same positions in `xs` and `xts`, seeded by the layer's name: neighbouring patches are
+    strongly correlated, so the subset estimates the moments as well at a fraction of the cost.
+    """
     from onnx_lowrank import calibrate
     from onnx_lowrank.factorize import data
 
     moments = data.Moments()
+    rng = np.random.default_rng(zlib.crc32(layer.name.encode()))
+    keep = None
     for index, x in enumerate(xs):
+        if keep is None:
+            keep = min(1.0, rows / (calibrate.vector_count(layer, x) * len(xs)))
         originals = calibrate.layer_vectors(layer, x, MOMENT_ROWS)
         if xts is None:
-            for p in originals:
-                moments.add(p)
-            continue
-        for p, pt in zip(originals, calibrate.layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True):
-            moments.add(p, pt)
+            chunks = ((p, None) for p in originals)
+        else:
+            chunks = zip(originals, calibrate.layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True)
+        for p, pt in chunks:
+            chosen = rng.random(p.shape[1]) < keep if keep < 1.0 else slice(None)
+            moments.add(p[:, chosen], None if pt is None else pt[:, chosen])
     return moments
 
 

@@ -206,3 +206,34 @@ def test_budget_spends_its_cuts_where_the_model_output_feels_them_least(rng, tmp
             assert gains["soft"] < 1e-2 * gains["loud"]
     assert chosen[True]["soft"] < chosen[True]["loud"]
     assert abs(chosen[False]["soft"] - chosen[False]["loud"]) < chosen[True]["loud"] - chosen[True]["soft"]
+
+
+def test_vector_count_matches_the_vectors(rng):
+    from conftest import gemm_model, matmul_model
+
+    cases = [(conv_model((2, 4, 9, 7), rng.standard_normal((6, 2, 3, 2)), group=2, strides=[2, 1],
+                         dilations=[1, 2], pads=[1, 0, 2, 1]), (2, 4, 9, 7)),
+             (conv_model((2, 4, 9, 7), rng.standard_normal((6, 4, 3, 3)), auto_pad="SAME_UPPER", strides=[2, 2]),
+              (2, 4, 9, 7)),
+             (gemm_model((3, 5), rng.standard_normal((5, 4))), (3, 5)),
+             (gemm_model((5, 3), rng.standard_normal((5, 4)), transA=1), (5, 3)),
+             (matmul_model((2, 3, 5), rng.standard_normal((5, 4))), (2, 3, 5)),
+             (matmul_model((2, 5, 3), rng.standard_normal((4, 5)), side="left"), (2, 5, 3))]
+    for model, shape in cases:
+        layer = api.inspect(model).layers[0]
+        x = rng.standard_normal(shape).astype(np.float32)
+        rows = sum(chunk.shape[1] for chunk in calibrate.layer_vectors(layer, x, 7))
+        assert calibrate.vector_count(layer, x) == rows
+
+
+def test_moments_of_a_subset_of_vectors_estimate_the_full_moments(rng):
+    from onnx_lowrank.passes import layer_moments
+
+    model = conv_model((4, 8, 32, 32), rng.standard_normal((8, 8, 3, 3)), pads=[1, 1, 1, 1])
+    layer = api.inspect(model).layers[0]
+    xs = [rng.standard_normal((4, 8, 32, 32)).astype(np.float32) for _ in range(2)]
+    full = layer_moments(layer, xs, None)
+    sampled = layer_moments(layer, xs, xs, rows=2048)
+    assert full.n == 2 * 4 * 32 * 32 and 1500 < sampled.n < 2600
+    np.testing.assert_allclose(sampled.xx[0] / sampled.n, full.xx[0] / full.n, atol=0.15)
+    np.testing.assert_array_equal(sampled.tt, sampled.xx)     # the same positions of x and x~
