@@ -168,17 +168,35 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes become initializers of their output's name; Identity nodes of initializers
+    (exporters share equal tensors through them) are bypassed: their readers read the initializer."""
     keep = []
+    initializers = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    aliases: dict[str, str] = {}
     for node in graph.node:
-        tensor = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if node.domain not in ("", "ai.onnx"):
+            keep.append(node)
+            continue
+        source = aliases.get(node.input[0], node.input[0]) if node.input else None
+        if node.op_type == "Identity" and source in initializers and node.output[0] not in outputs:
+            aliases[node.output[0]] = source
+            continue
+        tensor = _constant_value(node) if node.op_type == "Constant" else None
         if tensor is None:
             keep.append(node)
             continue
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
+        initializers.add(tensor.name)
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
+    if aliases:
+        for inner, _ in iter_graphs(graph):
+            for node in inner.node:
+                for index, name in enumerate(node.input):
+                    node.input[index] = aliases.get(name, name)
 
 
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:

@@ -6,11 +6,13 @@ import itertools
 import math
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import conv_model, gemm_model, make_model, matmul_model, run
+from conftest import assert_numerically_equal, conv_model, gemm_model, make_model, matmul_model, run
 from onnx_lowrank import api
+from onnx_lowrank.config import Settings
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.graph import canonicalize
 
@@ -102,6 +104,26 @@ def test_constant_node_weights_become_initializers(rng):
     layer = only_layer(model)
     assert layer.candidate and layer.weight_name == "W" and layer.name == "Conv_1"
     np.testing.assert_array_equal(layer.weight, weight)
+
+
+def test_weights_and_biases_behind_identity_nodes_are_constants(rng, tmp_path):
+    # torch.onnx shares equal initializers through Identity nodes (here: a bias, twice removed).
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
+    nodes = [helper.make_node("Identity", ["b"], ["b_copy"]),
+             helper.make_node("Identity", ["b_copy"], ["b_copy2"]),
+             helper.make_node("Identity", ["w1"], ["w1_copy"]),
+             helper.make_node("Conv", ["x", "w0", "b_copy"], ["h"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h", "w1_copy", "b_copy2"], ["y"], name="conv1", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    workspace = api.inspect(model)
+    assert all(d.reason is None for d in workspace.decisions.values())
+    assert workspace.totals_before["params"] == 4 * 3 * 9 + 4 * 4 * 9 + 4     # the shared bias once
+    api.compress(model, tmp_path / "out.onnx", Settings(method="tucker2", rank_ratio=1.0, validate=False))
+    feed = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    assert_numerically_equal(model, onnx.load(str(tmp_path / "out.onnx")), feed)
 
 
 def test_shared_initializer_is_counted_once(rng):
