@@ -223,15 +223,24 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     return gains
 
 
-def _measured_outputs(model: onnx.ModelProto) -> list[str]:
-    """The graph outputs, each taken before its producer if that is a squashing activation."""
+def _measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The graph outputs, each taken before its producer if that is a squashing activation, with
+    the axes to centre it over: a softmax ignores a shift along its axis (opset < 13: the axes
+    from `axis` on), so that part of a logit error does not count."""
     producers = {output: node for node in model.graph.node for output in node.output}
-    measured = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    measured: dict[str, tuple[int, ...]] = {}
     for output in model.graph.output:
         node = producers.get(output.name)
-        squashed = node is not None and node.op_type in SQUASHING and len(node.output) == 1
-        measured.append(node.input[0] if squashed else output.name)
-    return list(dict.fromkeys(measured))
+        if node is None or node.op_type not in SQUASHING or len(node.output) != 1:
+            measured.setdefault(output.name, ())
+            continue
+        centred: tuple[int, ...] = ()
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+            centred = (axis,) if opset >= 13 else (axis, None)
+        measured.setdefault(node.input[0], centred)
+    return measured
 
 
 def _signal(layer: Layer, y: np.ndarray) -> np.ndarray:
@@ -251,14 +260,24 @@ def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.rando
     return (y + scale * noise).astype(y.dtype), size
 
 
-def _final_outputs(suffix, state: dict[str, Batches], outputs: list[str], provider: str,
+def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, tuple[int, ...]], provider: str,
                    budget: ActivationBudget) -> dict[str, list[np.ndarray]]:
-    """The model's float outputs per batch, running `suffix` (the nodes after a layer) on a copy of `state`."""
+    """The model's float outputs per batch (centred as `_measured_outputs` says), running
+    `suffix` (the nodes after a layer) on a copy of `state`."""
     state = dict(state)
     if suffix is not None:
         _run(*suffix, state, provider, budget)
-    return {name: [np.asarray(v, dtype=np.float64) for v in state[name]] for name in outputs
-            if name in state and np.issubdtype(state[name].dtype, np.floating)}
+    return {name: [_centred(np.asarray(v, dtype=np.float64), outputs[name]) for v in state[name]]
+            for name in outputs if name in state and np.issubdtype(state[name].dtype, np.floating)}
+
+
+def _centred(value: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """`value` minus its mean over `axes`; `(axis, None)` means every axis from `axis` on."""
+    if not axes:
+        return value
+    if axes[-1] is None:
+        axes = tuple(range(axes[0] % value.ndim, value.ndim))
+    return value - value.mean(axis=axes, keepdims=True)
 
 
 def vector_count(layer: Layer, x: np.ndarray) -> int:
