@@ -573,7 +573,7 @@ def markdown(cases: list[Case], rows: list[dict], command: str, context: dict) -
               "compressed model with the ORIGINAL model on evaluation inputs disjoint from the "
               "calibration inputs."), "",
              *([(f"{sum(1 for r in rows if r.get('reused'))} of the {len(rows)} rows were taken from "
-                 f"an earlier run's JSON (`--reuse`; the same package snapshot and the same settings; "
+                 f"an earlier run's JSON (`--reuse`; the same settings; "
                  f"their seconds and memory were measured in that run): {context['reuse_note']}"), ""]
                if any(r.get("reused") for r in rows) else []),
              "Variants: " + "; ".join(f"`{k}` = {', '.join(f'{a}={b}' for a, b in v.items())}"
