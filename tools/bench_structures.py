@@ -468,8 +468,8 @@ def convt_notes(rows: list[Row]) -> list[str | None]:
         None if None in same else
         ("With `--calib` (data-aware, the default) and with `--no-data-aware` the written models give "
          "bit-identical outputs, for tucker2 and for svd: the ConvTranspose layers are factorized from their "
-         "weights alone, the calibration data is not used for them (the README's data-aware section does not "
-         "say so)." if all(same) else
+         "weights alone, the calibration data is not used for them (as the README's data-aware section "
+         "says)." if all(same) else
          f"Data-aware versus `--no-data-aware` outputs identical: tucker2 {same[0]}, svd {same[1]}."),
         full and errors and not any(names(r, True) != "none" for r in full) and (
             "At `--rank-ratio 1.0` no ConvTranspose layer is rewritten: every full-rank chain has more MACs than "
@@ -478,8 +478,9 @@ def convt_notes(rows: list[Row]) -> list[str | None]:
             f"{min(errors):.1e} to {max(errors):.1e}), but the CLI cannot write the full-rank ConvTranspose chain "
             "to check the rewrite in onnxruntime (tools/check_zoo.py does, through the API, with the MAC test "
             "off)."),
-        k1 and ("`--keep-structure` applies the same MAC test although it keeps the original graph, so at full "
-                "rank it too leaves both layers alone instead of writing the reconstructed weights."),
+        k1 and ("`--keep-structure` applies the same MAC test although it keeps the original graph: by design "
+                "it projects exactly the layers a rewrite with the same settings replaces, so the two give the "
+                "same outputs; at full rank it too leaves both layers alone."),
         t5 and s5 and share and (
             f"The two layers hold {share:.1%} of the model's MACs. At half rank tucker2 rewrites "
             f"{convt_done(t5)} of them (model MACs {kept(t5, 'macs'):.4f}, IoU {t5.extra['iou']:.3f}) and svd "
