@@ -518,7 +518,6 @@ class CalibratedFactorizePass(FactorizePass):
 
     def run(self, workspace, progress):
         from onnx_lowrank import calibrate
-        from onnx_lowrank.factorize import data
 
         todo = {d.layer.name: d for d in workspace.decisions.values()
                 if d.reason is None and d.layer.subgraph is None}

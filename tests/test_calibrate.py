@@ -157,24 +157,7 @@ def test_output_gains_measure_what_reaches_the_output(rng):
     feeds = [{"x": rng.standard_normal((64, 32)).astype(np.float32)} for _ in range(2)]
     workspace = api.inspect(model)
     gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
-    assert gains["mm1"] == pytest.approx(1.0, rel=0.2)     # 1 but for the softmax's shift invariance
-
-
-@pytest.mark.parametrize("opset", [11, 17])
-def test_output_gains_ignore_what_a_softmax_ignores(rng, opset):
-    # `shift` adds the same value to every logit of a row: the softmax does not see it.
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal((8, 1)).astype(np.float32), "v")]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
-             helper.make_node("MatMul", ["x", "v"], ["offset"], name="shift"),
-             helper.make_node("Add", ["logits", "offset"], ["z"]),
-             helper.make_node("Softmax", ["z"], ["p"], axis=1)]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 8])],
-                       [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)], inits, opset=opset)
-    workspace = api.inspect(model)
-    feeds = [{"x": rng.standard_normal((32, 8)).astype(np.float32)}]
-    gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
-    assert gains["shift"] < 1e-10 < gains["head"]
+    assert gains["mm1"] == pytest.approx(1.0, rel=1e-4)
     assert gains["mm0"] == pytest.approx(0.5, rel=0.1)
 
 

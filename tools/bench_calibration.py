@@ -55,13 +55,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
+
+from bench_common import measured_compress, status_mib  # noqa: E402
 
 DEFAULT_RUNS = "resnet50:64,resnet50:256,nudenet-320n:64,resnet50:256:independent"
 #: The issue's goal: data-aware (sequential) compression of this ~3 M-parameter detector with this
@@ -76,35 +77,12 @@ IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon",
 # Worker: one compression in a fresh process
 
 
-def _status_mib(key: str, pid: int | str = "self") -> float:
-    """A field of /proc/PID/status in MiB: VmRSS (resident now) or VmHWM (peak resident)."""
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(spec: dict) -> dict:
-    from onnx_lowrank import api
-    from onnx_lowrank.config import Settings
-
-    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()})
-    base = _status_mib("VmRSS")
-    start = time.perf_counter()
-    try:
-        workspace = api.compress(spec["model"], spec["out"], settings)
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        return {"status": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
-                "seconds": time.perf_counter() - start, "peak_mib": _status_mib("VmHWM"), "base_mib": base}
-    seconds = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
-    timings: dict[str, float] = {}
-    for name, elapsed, *_ in workspace.timings:           # PassManager: (pass, seconds, result)
-        timings[name] = timings.get(name, 0.0) + elapsed
-    return {"status": "ok", "seconds": seconds, "peak_mib": peak, "base_mib": base, "timings": timings,
-            "kept_macs": workspace.totals_after["macs"] / workspace.totals_before["macs"],
-            "rewritten": len(workspace.rewritten)}
+    workspace, row = measured_compress(spec)
+    if workspace is not None:
+        row.update(kept_macs=workspace.totals_after["macs"] / workspace.totals_before["macs"],
+                   rewritten=len(workspace.rewritten))
+    return row
 
 
 def compress_in_child(model: pathlib.Path, out: pathlib.Path, settings: dict, timeout: float) -> dict:
@@ -115,7 +93,7 @@ def compress_in_child(model: pathlib.Path, out: pathlib.Path, settings: dict, ti
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            peak = _status_mib("VmHWM", proc.pid)        # the child's peak so far, read before killing it
+            peak = status_mib("VmHWM", proc.pid)        # the child's peak so far, read before killing it
             proc.kill()
             proc.communicate()
             return {"status": "timeout", "message": f"no result within {timeout:.0f} s (child killed; "

@@ -76,13 +76,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
+
+from bench_common import measured_compress  # noqa: E402
 
 MODEL_CACHE = pathlib.Path(os.environ.get("ONNX_LOWRANK_CACHE", pathlib.Path.home() / ".cache/onnx-lowrank/models"))
 
@@ -101,42 +102,15 @@ VARIANTS = {
 # Worker: one compression in a fresh process (wall time and peak RSS of that call alone)
 
 
-def _status_mib(key: str) -> float:
-    """A field of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (peak resident)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(spec: dict) -> dict:
     import resource
 
-    from onnx_lowrank import api
-    from onnx_lowrank.config import Settings
-    from onnx_lowrank.errors import InputError
-
-    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()})
-    base = _status_mib("VmRSS")
-    start = time.perf_counter()
-    try:
-        workspace = api.compress(spec["model"], spec["out"], settings)
-    except InputError as exc:
-        return {"status": "unreachable", "message": str(exc), "seconds": time.perf_counter() - start}
-    except Exception as exc:  # noqa: BLE001 - a bug to report
-        return {"status": "error", "message": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(), "seconds": time.perf_counter() - start}
-    seconds = time.perf_counter() - start
-    # VmHWM, the peak resident set of THIS process image. ru_maxrss is not usable here: Linux
-    # carries the parent's high-water mark into a (v)forked child across exec, so the child's
-    # ru_maxrss starts at the benchmark parent's peak (which holds evaluation outputs).
-    peak = _status_mib("VmHWM")
-    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    timings: dict[str, float] = {}
-    for name, elapsed, *_ in getattr(workspace, "timings", None) or []:   # PassManager: (pass, seconds, result)
-        timings[str(name)] = timings.get(str(name), 0.0) + float(elapsed)
-    return {"status": "ok", "seconds": seconds, "peak_mib": peak, "base_mib": base, "ru_maxrss_mib": ru_maxrss, "timings": timings}
+    workspace, row = measured_compress(spec)
+    if workspace is not None:
+        # Recorded to show it is NOT usable: Linux carries the parent's high-water mark into a
+        # (v)forked child across exec, so the child's ru_maxrss starts at the parent's peak.
+        row["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return row
 
 
 def compress_in_child(model: pathlib.Path, out: pathlib.Path, settings: dict, log) -> dict:
@@ -600,7 +574,7 @@ def markdown(cases: list[Case], rows: list[dict], command: str, context: dict) -
         for row in (r for r in rows if r["model"] == case.name):
             head = f"| {row['target']:g} | {row['method']} | {row['variant']} |"
             if row["status"] != "ok":
-                what = "unreachable" if row["status"] == "unreachable" else "**ERROR**"
+                what = {"unreachable": "unreachable", "input-error": "refused"}.get(row["status"], "**ERROR**")
                 lines.append(f"{head} {what} | " + " | ".join("" for _ in metrics)
                              + f" | {row['seconds']:.1f} | | |")
                 continue

@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
