@@ -56,6 +56,8 @@ class ActivationBudget:
         self._count = 0
 
     def keep(self, value: np.ndarray) -> np.ndarray | _OnDisk:
+        """`value` itself while the live arrays kept in memory fit `limit` with it, else a handle
+        to a copy saved on disk."""
         if self.held + value.nbytes <= self.limit:
             self.held += value.nbytes
             weakref.finalize(value, self._freed, value.nbytes)
@@ -75,6 +77,7 @@ class ActivationBudget:
         self.held -= size
 
     def close(self) -> None:
+        """Delete the temporary folder and whatever is still in it."""
         if self._folder is not None:
             self._folder.cleanup()
             self._folder = None
@@ -92,4 +95,5 @@ class Batches(list):
 
     @property
     def dtype(self) -> np.dtype:
+        """The arrays' dtype, read without loading a batch from disk."""
         return super().__getitem__(0).dtype
