@@ -69,7 +69,7 @@ class ActivationBudget:
         np.save(path, value)
         return _OnDisk(path, value.dtype)
 
-    def batches(self, values=()) -> Batches:
+    def batches(self, values) -> Batches:
         """A `Batches` of these arrays, each kept or spilled by this budget."""
         return Batches(self.keep(np.asarray(value)) for value in values)
 

@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lowrank.activations import ActivationBudget, Batches
+from onnx_lowrank.costs import conv_output_shape
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
@@ -87,6 +88,12 @@ class _Segments:
         segment.ir_version = min(self.model.ir_version, runtime_max_ir_version())
         return segment, outputs
 
+    def positions(self, layers: Sequence[Layer]) -> list[tuple[int, Layer]]:
+        """The main-graph layers with their node positions, in topological order."""
+        index = {node.name: position for position, node in enumerate(self.nodes)}
+        return sorted(((index[layer.name], layer) for layer in layers if layer.name in index),
+                      key=lambda item: item[0])
+
     def forget(self, state: dict[str, Batches], position: int) -> None:
         """Drop tensors nobody reads after `position`."""
         for name in [n for n in state if self.last_use.get(n, -1) <= position]:
@@ -142,8 +149,7 @@ def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence
     (twice in sequential mode), plus each layer and its chain once.
     """
     segments = _Segments(model)
-    positions = {node.name: index for index, node in enumerate(segments.nodes)}
-    order = sorted((positions[layer.name], layer) for layer in layers if layer.name in positions)
+    order = segments.positions(layers)
     original = _inputs(feeds)
     compressed = dict(original) if sequential else None
     worlds = [original] + ([compressed] if sequential else [])
@@ -189,8 +195,7 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     """
     outputs = _measured_outputs(model)
     segments = _Segments(model, kept=outputs)
-    positions = {node.name: index for index, node in enumerate(segments.nodes)}
-    order = sorted((positions[layer.name], layer) for layer in layers if layer.name in positions)
+    order = segments.positions(layers)
     state = _inputs(feeds)
     budget = ActivationBudget(ACTIVATION_MEMORY)
     reference = None
@@ -280,24 +285,27 @@ def _centred(value: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return value - value.mean(axis=axes, keepdims=True)
 
 
+def _conv_pads(layer: Layer, x: np.ndarray) -> tuple[int, ...]:
+    """The conv's explicit pads for the input `x` (a SAME `auto_pad` resolved for its size)."""
+    from onnx_lowrank.factorize import data
+
+    conv = layer.conv
+    if conv.pads is not None:
+        return conv.pads
+    return data.same_pads(x.shape[2:], conv.kernel_shape, conv.strides, conv.dilations, conv.auto_pad)
+
+
 def vector_count(layer: Layer, x: np.ndarray) -> int:
     """How many vectors (per group) `layer_vectors` yields for `x`, without forming them.
 
-    Conv: ``B · Π out_n`` with ``out_n = ⌊(d_n + b_n + e_n - (k_n - 1)·δ_n - 1) / s_n⌋ + 1``.
+    Conv: ``B · Π out_n``, the output positions (`costs.conv_output_shape`).
     """
     if layer.op == "Conv":
-        from onnx_lowrank.factorize import data
-
         conv = layer.conv
-        n = len(conv.kernel_shape)
-        strides = conv.strides or (1,) * n
-        dilations = conv.dilations or (1,) * n
-        pads = conv.pads
-        if pads is None:
-            pads = data.same_pads(x.shape[2:], conv.kernel_shape, strides, dilations, conv.auto_pad)
-        sizes = [(size + pads[i] + pads[i + n] - (k - 1) * d - 1) // s + 1 for i, (size, k, s, d)
-                 in enumerate(zip(x.shape[2:], conv.kernel_shape, strides, dilations, strict=True))]
-        return x.shape[0] * math.prod(sizes)
+        ones = (1,) * len(conv.kernel_shape)
+        shape = conv_output_shape(x.shape, layer.weight.shape, conv.strides or ones, conv.dilations or ones,
+                                  _conv_pads(layer, x))
+        return x.shape[0] * math.prod(shape[2:])
     if layer.op == "Gemm":
         return x.shape[1] if layer.gemm.trans_a else x.shape[0]
     if layer.weight_side == "right":
@@ -315,11 +323,8 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
 
     if layer.op == "Conv":
         conv = layer.conv
-        pads = conv.pads
-        if pads is None:
-            pads = data.same_pads(x.shape[2:], conv.kernel_shape, conv.strides, conv.dilations, conv.auto_pad)
-        yield from data.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, pads, conv.group,
-                                     max_rows=max_rows)
+        yield from data.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, _conv_pads(layer, x),
+                                     conv.group, max_rows=max_rows)
         return
     if layer.op == "Gemm":
         rows = x.T if layer.gemm.trans_a else x

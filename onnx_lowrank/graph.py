@@ -178,10 +178,11 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
         if node.domain not in ("", "ai.onnx"):
             keep.append(node)
             continue
-        source = aliases.get(node.input[0], node.input[0]) if node.input else None
-        if node.op_type == "Identity" and source in initializers and node.output[0] not in outputs:
-            aliases[node.output[0]] = source
-            continue
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            source = aliases.get(node.input[0], node.input[0])
+            if source in initializers:
+                aliases[node.output[0]] = source
+                continue
         tensor = _constant_value(node) if node.op_type == "Constant" else None
         if tensor is None:
             keep.append(node)
