@@ -220,7 +220,8 @@ class BudgetPass(Pass):
 
     def run(self, workspace, progress):
         candidates = [d for d in workspace.decisions.values() if d.reason is None]
-        options = [self._options(d.layer, workspace.data_spectra.get(d.layer.name, {}), d.output_gain or 1.0)
+        options = [self._options(d.layer, workspace.data_spectra.get(d.layer.name, {}),
+                                 1.0 if d.output_gain is None else d.output_gain)
                    for d in progress(candidates, len(candidates), "error curves")]
         if self.measure == "latency":
             options = [self._timed(d.layer, o) for d, o in

@@ -190,9 +190,11 @@ def test_output_gains_ignore_what_a_softmax_ignores(rng, opset):
     assert gains["shift"] < 1e-10 < gains["head"]
 
 
-def test_budget_spends_its_cuts_where_the_model_output_feels_them_least(rng, tmp_path):
-    # Two equal layers in parallel; one reaches the output scaled by 1/100. Alone, each layer's
-    # relative error curve is the same; weighted by its output gain, the quiet branch is cut deeper.
+@pytest.mark.parametrize("quiet", [0.01, 0.0])
+def test_budget_spends_its_cuts_where_the_model_output_feels_them_least(rng, tmp_path, quiet):
+    # Two equal layers in parallel; one reaches the output scaled by `quiet` (1/100, or not at all:
+    # gain 0). Alone, each layer's relative error curve is the same; weighted by its output gain,
+    # the quiet branch is cut deeper.
     width = 64
     spectrum = np.logspace(0, -1.5, width)
     inits = []
@@ -200,7 +202,7 @@ def test_budget_spends_its_cuts_where_the_model_output_feels_them_least(rng, tmp
         u = np.linalg.qr(rng.standard_normal((width, width)))[0]
         v = np.linalg.qr(rng.standard_normal((width, width)))[0]
         inits.append(numpy_helper.from_array(((u * spectrum) @ v.T).astype(np.float32), name))
-    inits.append(numpy_helper.from_array(np.array(0.01, dtype=np.float32), "quiet"))
+    inits.append(numpy_helper.from_array(np.array(quiet, dtype=np.float32), "quiet"))
     nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="loud"),
              helper.make_node("MatMul", ["x", "wb"], ["b"], name="soft"),
              helper.make_node("Mul", ["b", "quiet"], ["bq"]),
