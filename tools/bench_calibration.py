@@ -62,7 +62,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_common import measured_compress, status_mib  # noqa: E402
+from bench_common import export_torch, measured_compress, status_mib  # noqa: E402
 
 DEFAULT_RUNS = "resnet50:64,resnet50:256,nudenet-320n:64,resnet50:256:independent"
 #: The issue's goal: data-aware (sequential) compression of this ~3 M-parameter detector with this
@@ -167,22 +167,12 @@ def resnet50_onnx(cache: pathlib.Path) -> pathlib.Path:
     path = cache / "resnet50-random.onnx"
     if path.exists():
         return path
-    import onnx
     import torch
 
     torch.manual_seed(0)
     model = build_resnet50().eval()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".onnx.tmp")
-    torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(tmp), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True)
-    proto = onnx.load(str(tmp))
-    proto.ir_version = min(proto.ir_version, 10)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return export_torch(model, torch.zeros(1, 3, 224, 224), path, "x", "logits")
 
 
 # --------------------------------------------------------------------------------------------

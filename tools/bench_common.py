@@ -54,3 +54,26 @@ def measured_compress(spec: dict):
             timings[str(name)] = timings.get(str(name), 0.0) + float(elapsed)
         row.update(status="ok", timings=timings)
     return workspace, row
+
+
+def export_torch(model, example, path, input_name: str, output_name: str):
+    """Export a torch module to ONNX at `path` (TorchScript exporter, opset 17, dynamic batch,
+    IR version at most 10 for onnxruntime), checked, written to a temporary name and renamed into
+    place so an interrupted export leaves no partial model. Returns `path`."""
+    import os
+    import pathlib
+
+    import onnx
+    import torch
+
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(".onnx.tmp")
+    torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17,
+                      input_names=[input_name], output_names=[output_name],
+                      dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, do_constant_folding=True)
+    proto = onnx.load(str(tmp))
+    proto.ir_version = min(proto.ir_version, 10)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path

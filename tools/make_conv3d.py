@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -108,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
+    from bench_common import export_torch
     from fetch_models import default_cache_dir
 
     out_dir = pathlib.Path(args.out_dir).expanduser() if args.out_dir else default_cache_dir()
@@ -136,17 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(eval_x)).numpy()
     path = out_dir / f"{MODEL_NAME}.onnx"
-    tmp = path.with_suffix(".onnx.tmp")
-    torch.onnx.export(model, (torch.from_numpy(eval_x[:1]),), str(tmp), dynamo=False, opset_version=17,
-                      input_names=["video"], output_names=["logits"],
-                      dynamic_axes={"video": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True)
-    import onnx
-
-    proto = onnx.load(str(tmp))
-    proto.ir_version = min(proto.ir_version, 10)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    export_torch(model, torch.from_numpy(eval_x[:1]), path, "video", "logits")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ort_logits = np.concatenate([session.run(None, {"video": eval_x[i:i + 64]})[0] for i in range(0, 256, 64)])
     np.savez(out_dir / f"{MODEL_NAME}_calib.npz", video=calib_x, labels=calib_y)
