@@ -260,9 +260,9 @@ def _signal(layer: Layer, y: np.ndarray) -> np.ndarray:
 def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.random.Generator):
     """`y` plus Gaussian noise of norm `relative·‖signal‖`, and the relative size realised."""
     noise = rng.standard_normal(y.shape)
-    scale = relative * np.linalg.norm(signal) / max(np.linalg.norm(noise), 1e-30)
-    size = relative if np.linalg.norm(signal) > 0 else 0.0
-    return (y + scale * noise).astype(y.dtype), size
+    energy = np.linalg.norm(signal)
+    scale = relative * energy / max(np.linalg.norm(noise), 1e-30)
+    return (y + scale * noise).astype(y.dtype), relative if energy > 0 else 0.0
 
 
 def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, tuple[int, ...]], provider: str,
