@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--tiles", type=parse_tiles, help="tile grid AxB for tiled-svd (default 2x2)")
     compress.add_argument("--keep-structure", action="store_true", default=None,
                           help="keep the graph: replace each weight by its low-rank reconstruction")
+    compress.add_argument("--no-fold", dest="fold", action="store_false", default=None,
+                          help="keep per-channel Mul/Add/Sub/Div and hard-swish chains as separate nodes "
+                               "(by default they are folded into the convolutions, exactly)")
     compress.add_argument("--layers", help="only layers whose name matches this regular expression")
     compress.add_argument("--skip", help="leave out layers whose name matches this regular expression")
     _add_shape_option(compress)
@@ -191,7 +194,7 @@ def _inspect(args, console: Console) -> int:
 def _compress(args, console: Console) -> int:
     overrides = {key: getattr(args, key, None) for key in (
         "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params", "target_latency",
-        "rank_multiple", "jobs", "latency_aware", "latency_margin", "keep_structure", "eval", "data_aware", "sequential", "refit", "bias_correction", "output_weighting", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
+        "rank_multiple", "jobs", "latency_aware", "latency_margin", "keep_structure", "fold", "eval", "data_aware", "sequential", "refit", "bias_correction", "output_weighting", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
         "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
     overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     settings = load_config(args.config, overrides)
@@ -238,6 +241,10 @@ def _print_compression(console: Console, report: dict) -> None:
                   f"({_share(totals['macs_after'], totals['macs_before'])}); params "
                   f"{_count(totals['params_before'])} -> {_count(totals['params_after'])} "
                   f"({_share(totals['params_after'], totals['params_before'])})")
+    folded = report.get("folded") or {}
+    if any(folded.values()):
+        console.print(f"folded exactly: {folded['output_affine']} + {folded['input_affine']} per-channel affine "
+                      f"nodes into convolutions, {folded['hard_swish']} hard-swish chains fused (--no-fold keeps them)")
     if report["validation"] is not None:
         _print_validation_summary(console, report["validation"])
 

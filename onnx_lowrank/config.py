@@ -42,6 +42,7 @@ class Settings:
     jobs: int = 1
     tiles: tuple[int, int] = (2, 2)
     keep_structure: bool = False
+    fold: bool = True
     layers: str | None = None
     skip: str | None = None
     input_shape: tuple[str, ...] = ()

@@ -25,12 +25,13 @@ from onnx import numpy_helper
 from onnx_lowrank import __version__, methods, ranks
 from onnx_lowrank.config import AUTO_METHODS, Settings
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.fold import FoldCounts, fold_elementwise
 from onnx_lowrank.graph import Layer, canonicalize, find_layers, infer_shapes, iter_graphs, model_totals
 from onnx_lowrank.metrics import load_metric
 from onnx_lowrank.rewrite.chain import Chain, apply_chain, chain_costs
 
 __all__ = [
-    "BudgetPass", "CalibratedFactorizePass", "CanonicalizePass", "DataSpectraPass", "CountPass", "FactorizePass", "FindLayersPass", "GuardPass", "LayerDecision", "Pass",
+    "BudgetPass", "CalibratedFactorizePass", "CanonicalizePass", "DataSpectraPass", "CountPass", "FactorizePass", "FindLayersPass", "FoldPass", "GuardPass", "LayerDecision", "Pass",
     "PassManager", "PassResult", "RewritePass", "SelectLayersPass", "ValidatePass", "Workspace",
     "compress_pipeline",
 ]
@@ -113,6 +114,7 @@ class Workspace:
     totals_before: dict[str, int] = dataclasses.field(default_factory=dict)
     totals_after: dict[str, int] = dataclasses.field(default_factory=dict)
     data_spectra: dict[str, dict] = dataclasses.field(default_factory=dict)
+    folds: FoldCounts = dataclasses.field(default_factory=FoldCounts)
     validation: object | None = None
 
     @property
@@ -138,6 +140,18 @@ class CanonicalizePass(Pass):
     def run(self, workspace, progress):
         workspace.model = workspace.canonical = canonicalize(workspace.model)
         return PassResult(True, "weights as initializers, explicit pads, named nodes")
+
+
+class FoldPass(Pass):
+    """Fold per-channel affine nodes into the convolutions beside them and fuse hard-swish
+    chains (`fold.fold_elementwise`): exact, and fewer passes over the activations."""
+
+    name = "fold"
+
+    def run(self, workspace, progress):
+        workspace.model, workspace.folds = fold_elementwise(workspace.model)
+        workspace.canonical = workspace.model
+        return PassResult(workspace.folds.total > 0, workspace.folds.describe())
 
 
 class FindLayersPass(Pass):
@@ -839,6 +853,7 @@ def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
     """
     passes: list[Pass] = [
         CanonicalizePass(),
+        *([FoldPass()] if settings.fold and not settings.keep_structure else []),
         FindLayersPass(pinned),
         SelectLayersPass(settings.layers, settings.skip),
     ]

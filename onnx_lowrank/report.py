@@ -9,6 +9,7 @@ The report dict is the "Report contract" of ``design.md`` (built by
                  "status": "rewritten"|"skipped"|"rolled_back", "reason": str|null,
                  "macs_before": int, "macs_after": int, "params_before": int, "params_after": int,
                  "weight_rel_error": float|null, "output_rel_error": float|null}],
+     "folded": {"output_affine": int, "input_affine": int, "hard_swish": int},  (optional)
      "validation": null | {"provider": str, "inputs": int,
                            "outputs": [{"name": str, "rel_l2": float, "max_abs": float,
                                         "cosine": float}],
@@ -107,6 +108,11 @@ def validate_report(report: dict) -> None:
     _array(layers, "layers")
     for index, layer in enumerate(layers):
         _check_layer(layer, f"layers[{index}]")
+    folded = report.get("folded")
+    if folded is not None:
+        _object(folded, "folded")
+        for key, count in folded.items():
+            _count(count, f"folded.{key}")
     validation = _field(report, "validation", "")
     if validation is not None:
         _check_validation(validation, "validation")
@@ -285,6 +291,11 @@ def markdown_report(report: dict) -> str:
     for title, key in (("MACs", "macs"), ("Parameters", "params")):
         before, after = totals[f"{key}_before"], totals[f"{key}_after"]
         lines.append(f"| {title} | {before:,} | {after:,} | {_ratio(after, before)} |")
+    folded = report.get("folded") or {}
+    if any(folded.values()):
+        lines += ["", f"Folded exactly before factorizing: {folded.get('output_affine', 0)} per-channel affine nodes "
+                  f"into the convolutions before them, {folded.get('input_affine', 0)} into those after them, "
+                  f"{folded.get('hard_swish', 0)} hard-swish chains fused."]
     lines += ["", "## Validation", ""]
     lines += _validation_lines(report["validation"])
     lines += ["", "## Layers", ""]
@@ -557,6 +568,7 @@ def compression_report(workspace, input_path: str, output_path: str) -> dict:
             "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
                        "params_before": before["params"], "params_after": after["params"]},
             "layers": [d.to_dict() for d in workspace.decisions.values()],
+            "folded": dataclasses.asdict(workspace.folds),
             "validation": workspace.validation.to_dict() if workspace.validation is not None else None}
 
 

@@ -1,0 +1,318 @@
+"""Exact folds of element-wise nodes into the convolutions around them.
+
+Exporters often leave per-channel affine maps beside convolutions (Paddle's learnable affine
+blocks, scale layers, mean/std normalisation) and spell hard-swish as four element-wise nodes.
+onnxruntime's CPU provider runs each of them as a separate pass over the activation and, because
+they sit between convolutions, converts the layout to and from its blocked NCHWc format around
+every convolution. Folding them changes no value beyond float rounding and removes those passes;
+the convolutions the low-rank rewrites then shorten become a larger share of the time.
+
+Three rules, applied until none matches (each removes at least one node):
+
+- output affine: `Conv(x; W, b)·s + t = Conv(x; W·s[o], b·s + t)` for per-output-channel `s`, `t`
+  when the convolution's output feeds only that node;
+- input affine: `Conv(x·s + t; W, b) = Conv(x; W·s[i], b + Σ_{i,k} W[o,i,k]·t[i])` for
+  per-input-channel `s`, `t`; the shift `t` only where the convolution pads nothing (zero padding of
+  `x·s + t` is not `t` at the borders), the scale `s` always (zero padding commutes with it);
+- hard-swish: `x·clip(x + 3, 0, 6)/6` (in any order of the product and the division) becomes
+  `HardSwish(x)` from opset 14, `x·HardSigmoid(x; α=1/6, β=1/2)` below it.
+
+Only the main graph is folded; control-flow bodies are left as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+__all__ = ["FoldCounts", "fold_elementwise"]
+
+log = logging.getLogger(__name__)
+
+#: Relative tolerance for recognising the constants 3, 6 and 1/6 of a hard-swish.
+CONSTANT_RTOL = 1e-6
+AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+@dataclasses.dataclass
+class FoldCounts:
+    """How many element-wise nodes each rule removed or replaced."""
+
+    output_affine: int = 0
+    input_affine: int = 0
+    hard_swish: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.output_affine + self.input_affine + self.hard_swish
+
+    def describe(self) -> str:
+        return (f"{self.output_affine} affine nodes folded into the convolutions before them, "
+                f"{self.input_affine} into those after them, {self.hard_swish} hard-swish chains fused")
+
+
+@dataclasses.dataclass
+class _Affine:
+    """An element-wise node `y = scale·x + shift` with constant `scale`, `shift` (numpy broadcast)."""
+
+    node: gs.Node
+    x: gs.Variable
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCounts]:
+    """Return `model` with the three folds of this module applied to its main graph, and counts.
+
+    The input model is not modified. Shapes are inferred first so that a constant of full rank is
+    only folded into an input whose rank is known to match.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = gs.import_onnx(inferred)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    counts = FoldCounts()
+    names = {name for name in graph.tensors()}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if not node.outputs:
+                continue
+            if node.op == "Conv" and _fold_output_affine(graph, node, names):
+                counts.output_affine += 1
+            elif node.op in AFFINE_OPS and _fold_input_affine(graph, node, names):
+                counts.input_affine += 1
+            elif node.op == "Clip" and _fuse_hard_swish(graph, node, opset):
+                counts.hard_swish += 1
+            else:
+                continue
+            changed = True
+        graph.cleanup(remove_unused_graph_inputs=False)
+    if not counts.total:
+        return model, counts
+    graph.toposort()
+    folded = gs.export_onnx(graph, do_type_check=False)
+    used = {name for node in folded.graph.node for name in (*node.input, *node.output)}
+    del folded.graph.value_info[:]
+    folded.graph.value_info.extend(v for v in model.graph.value_info if v.name in used)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(folded, field, getattr(model, field))
+    del folded.opset_import[:]
+    folded.opset_import.extend(model.opset_import)
+    del folded.metadata_props[:]
+    folded.metadata_props.extend(model.metadata_props)
+    log.info("folded: %s", counts.describe())
+    return folded, counts
+
+
+def _constant(tensor) -> np.ndarray | None:
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _only_reader(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The one node reading `tensor`, if exactly one does and it is not a graph output."""
+    if tensor in graph.outputs or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def _affine(node: gs.Node) -> _Affine | None:
+    """`node` as `scale·x + shift` when it is Mul/Add/Sub/Div of one variable and one constant."""
+    if node.op not in AFFINE_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    values = [_constant(t) for t in node.inputs]
+    if (values[0] is None) == (values[1] is None):
+        return None
+    first_is_x = values[0] is None
+    x, c = (node.inputs[0], values[1]) if first_is_x else (node.inputs[1], values[0])
+    if not np.issubdtype(c.dtype, np.floating):
+        return None
+    one, zero = np.ones((), c.dtype), np.zeros((), c.dtype)
+    if node.op == "Mul":
+        return _Affine(node, x, c, zero)
+    if node.op == "Add":
+        return _Affine(node, x, one, c)
+    if node.op == "Sub":
+        return _Affine(node, x, one, -c) if first_is_x else _Affine(node, x, -one, c)
+    if first_is_x and np.all(c != 0):
+        return _Affine(node, x, (one / c).astype(c.dtype), zero)
+    return None
+
+
+def _per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """`value` as a length-`channels` vector when it broadcasts along axis 1 of a rank-`rank`
+    tensor without changing its shape; None otherwise."""
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if any(size != 1 for axis, size in enumerate(shape) if axis != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float64)
+
+
+def _conv_weights(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """A Conv's constant weight and bias (zeros when it has none), or None."""
+    weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or not np.issubdtype(weight.dtype, np.floating):
+        return None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = _constant(node.inputs[2])
+        if bias is None:
+            return None
+    else:
+        bias = np.zeros(weight.shape[0], weight.dtype)
+    return weight, bias
+
+
+def _set_conv_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray, dtype, names: set[str]) -> None:
+    """Give `node` new constants (never edit shared ones): `<node>/folded_weight`, `.../folded_bias`."""
+    tensors = []
+    for role, value in (("weight", weight), ("bias", bias)):
+        name, k = f"{node.name}/folded_{role}", 1
+        while name in names:
+            k += 1
+            name = f"{node.name}/folded_{role}_{k}"
+        names.add(name)
+        tensors.append(gs.Constant(name, np.ascontiguousarray(value.astype(dtype))))
+    _replace(node.inputs, [node.inputs[0], *tensors])
+
+
+def _replace(tensors: list, new: list) -> None:
+    """Set a node's inputs or outputs in place, so graphsurgeon keeps both directions in sync."""
+    new = list(new)
+    tensors.clear()
+    tensors.extend(new)
+
+
+def _detach(*nodes: gs.Node) -> None:
+    """Disconnect folded nodes; cleanup() then drops them."""
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+
+
+def _fold_output_affine(graph: gs.Graph, conv: gs.Node, names: set[str]) -> bool:
+    """`Conv(x; W, b)·s + t` -> `Conv(x; W·s, b·s + t)` (s, t per output channel)."""
+    weights = _conv_weights(conv)
+    reader = _only_reader(conv.outputs[0], graph)
+    affine = _affine(reader) if reader is not None else None
+    if weights is None or affine is None or affine.x is not conv.outputs[0]:
+        return False
+    weight, bias = weights
+    scale = _per_channel(affine.scale, weight.shape[0], weight.ndim)
+    shift = _per_channel(affine.shift, weight.shape[0], weight.ndim)
+    if scale is None or shift is None or affine.scale.dtype != weight.dtype:
+        return False
+    spread = (-1,) + (1,) * (weight.ndim - 1)
+    _set_conv_weights(conv, weight * scale.reshape(spread), bias * scale + shift, weight.dtype, names)
+    outputs = list(affine.node.outputs)
+    _detach(affine.node)
+    _replace(conv.outputs, outputs)
+    return True
+
+
+def _fold_input_affine(graph: gs.Graph, node: gs.Node, names: set[str]) -> bool:
+    """`Conv(x·s + t; W, b)` -> `Conv(x; W·s, b + Σ W·t)` for every Conv reading the affine's output.
+
+    The shift folds only into convolutions that pad nothing; otherwise the node stays.
+    """
+    affine = _affine(node)
+    if affine is None or node.outputs[0] in graph.outputs or not node.outputs[0].outputs:
+        return False
+    readers = list(node.outputs[0].outputs)
+    if any(r.op != "Conv" or r.inputs[0] is not node.outputs[0] or _conv_weights(r) is None for r in readers):
+        return False
+    shifted = bool(np.any(affine.shift != 0))
+    plans = []
+    for conv in readers:
+        weight, bias = _conv_weights(conv)
+        groups = int(conv.attrs.get("group", 1))
+        channels = weight.shape[1] * groups
+        scale = _per_channel(affine.scale, channels, weight.ndim)
+        shift = _per_channel(affine.shift, channels, weight.ndim)
+        full_rank = max(affine.scale.ndim, np.ndim(affine.shift)) == weight.ndim
+        known_rank = affine.x.shape is not None and len(affine.x.shape) == weight.ndim
+        if (scale is None or shift is None or affine.scale.dtype != weight.dtype
+                or (full_rank and not known_rank) or (shifted and not _pads_nothing(conv))):
+            return False
+        # W[o, j] reads input channel g(o)·C_in/g + j, g(o) = the group of output channel o.
+        group_of_row = np.arange(weight.shape[0]) // (weight.shape[0] // groups)
+        columns = group_of_row[:, None] * weight.shape[1] + np.arange(weight.shape[1])
+        spread = weight.shape[:2] + (1,) * (weight.ndim - 2)
+        row_scale, row_shift = scale[columns].reshape(spread), shift[columns].reshape(spread)
+        new_bias = bias + (weight.astype(np.float64) * row_shift).reshape(weight.shape[0], -1).sum(axis=1)
+        plans.append((conv, weight * row_scale, new_bias, weight.dtype))
+    x = affine.x
+    _detach(node)
+    for conv, weight, bias, dtype in plans:
+        _set_conv_weights(conv, weight, bias, dtype, names)
+        conv.inputs[0] = x
+    return True
+
+
+def _pads_nothing(conv: gs.Node) -> bool:
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return True
+    return auto_pad == "NOTSET" and not any(conv.attrs.get("pads", []))
+
+
+def _is(value: np.ndarray | None, number: float) -> bool:
+    return value is not None and value.size == 1 and bool(np.isclose(float(value.reshape(())), number,
+                                                                       rtol=CONSTANT_RTOL, atol=0))
+
+
+def _scaled_by_sixth(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether `node` is `tensor / 6` or `tensor · (1/6)`."""
+    if node.op == "Div":
+        return node.inputs[0] is tensor and _is(_constant(node.inputs[1]), 6.0)
+    if node.op == "Mul":
+        other = [t for t in node.inputs if t is not tensor]
+        return len(other) == 1 and _is(_constant(other[0]), 1 / 6)
+    return False
+
+
+def _product_with(node: gs.Node, tensor: gs.Tensor, x: gs.Tensor) -> bool:
+    return node.op == "Mul" and len(node.inputs) == 2 and {id(t) for t in node.inputs} == {id(tensor), id(x)}
+
+
+def _fuse_hard_swish(graph: gs.Graph, clip: gs.Node, opset: int) -> bool:
+    """`x·clip(x + 3, 0, 6)/6` -> `HardSwish(x)` (opset >= 14) or `x·HardSigmoid(x; 1/6, 1/2)`.
+
+    Matched from the Clip: its input is `Add(x, 3)`, its bounds the constants 0 and 6 (inputs
+    from opset 11), and the rest is either `Mul(x, clip)` then `/6`, or `clip/6` then `Mul(x, ·)`.
+    Every intermediate must be read only inside the pattern.
+    """
+    if len(clip.inputs) != 3 or not (_is(_constant(clip.inputs[1]), 0.0) and _is(_constant(clip.inputs[2]), 6.0)):
+        return False
+    add = clip.inputs[0].inputs[0] if clip.inputs[0].inputs else None
+    if add is None or add.op != "Add" or _only_reader(add.outputs[0], graph) is not clip:
+        return False
+    variables = [t for t in add.inputs if _constant(t) is None]
+    constants = [t for t in add.inputs if _constant(t) is not None]
+    if len(variables) != 1 or len(constants) != 1 or not _is(_constant(constants[0]), 3.0):
+        return False
+    x = variables[0]
+    first = _only_reader(clip.outputs[0], graph)
+    second = _only_reader(first.outputs[0], graph) if first is not None else None
+    if second is None:
+        return False
+    multiply_first = _product_with(first, clip.outputs[0], x) and _scaled_by_sixth(second, first.outputs[0])
+    divide_first = _scaled_by_sixth(first, clip.outputs[0]) and _product_with(second, first.outputs[0], x)
+    if not (multiply_first or divide_first):
+        return False
+    y = second.outputs[0]
+    _detach(add, clip, first, second)
+    if opset >= 14:
+        graph.nodes.append(gs.Node("HardSwish", name=f"{clip.name}/hard_swish", inputs=[x], outputs=[y]))
+    else:
+        gate = gs.Variable(f"{clip.name}/hard_sigmoid_out", dtype=y.dtype, shape=y.shape)
+        graph.nodes.append(gs.Node("HardSigmoid", name=f"{clip.name}/hard_sigmoid", inputs=[x], outputs=[gate],
+                                   attrs={"alpha": 1 / 6, "beta": 0.5}))
+        graph.nodes.append(gs.Node("Mul", name=f"{clip.name}/hard_swish", inputs=[x, gate], outputs=[y]))
+    return True
