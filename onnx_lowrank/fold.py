@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_lowrank.rewrite.chain import zero_subnormals
+
 __all__ = ["FoldCounts", "fold_elementwise"]
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,8 @@ def _conv_weights(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _set_conv_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray, dtype, names: set[str]) -> None:
-    """Give `node` new constants (never edit shared ones): `<node>/folded_weight`, `.../folded_bias`."""
+    """Give `node` new constants (never edit shared ones): `<node>/folded_weight`, `.../folded_bias`,
+    subnormal values flushed to zero (`zero_subnormals`)."""
     tensors = []
     for role, value in (("weight", weight), ("bias", bias)):
         name, k = f"{node.name}/folded_{role}", 1
@@ -177,7 +180,7 @@ def _set_conv_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray, dtype
             k += 1
             name = f"{node.name}/folded_{role}_{k}"
         names.add(name)
-        tensors.append(gs.Constant(name, np.ascontiguousarray(value.astype(dtype))))
+        tensors.append(gs.Constant(name, np.ascontiguousarray(zero_subnormals(value.astype(dtype)))))
     _replace(node.inputs, [node.inputs[0], *tensors])
 
 

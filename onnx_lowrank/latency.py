@@ -493,7 +493,7 @@ def interleaved(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray
 def profile_layer(layer: Layer, chains: Sequence[Chain], provider: str | ProviderChoice = "cpu",
                   threads: int | None = None, cache: LatencyCache | None = None, warmup: int = 5,
                   repeats: int = 30, timer: Timer | None = None, seed: int = 0,
-                  opset: int = DEFAULT_OPSET) -> LayerTiming:
+                  opset: int = DEFAULT_OPSET, refresh: bool = False) -> LayerTiming:
     """Measure the layer alone and each chain in its place, interleaved, on `provider`.
 
     The models are `layer_model(layer)` and `layer_model(layer, chain)`, fed one random input
@@ -516,6 +516,7 @@ def profile_layer(layer: Layer, chains: Sequence[Chain], provider: str | Provide
         timer: ``timer(model, feed) -> ms`` for one run; default a `SessionTimer`.
         seed: seed of the random input.
         opset: opset of the standalone models.
+        refresh: time every model again and overwrite what `cache` held for it.
 
     Returns:
         `LayerTiming` with the original's and each chain's median and p90.
@@ -525,7 +526,7 @@ def profile_layer(layer: Layer, chains: Sequence[Chain], provider: str | Provide
     device = device_name(provider_name)
     models = [layer_model(layer, None, opset)] + [layer_model(layer, c, opset) for c in chains]
     keys = [cache_key(m, provider_name, threads, device) for m in models]
-    found = {k: cache.get(k) for k in keys} if cache is not None else {}
+    found = {k: cache.get(k) for k in keys} if cache is not None and not refresh else {}
     todo: dict[str, onnx.ModelProto] = {}
     for key, model in zip(keys, models):
         if found.get(key) is None and key not in todo:

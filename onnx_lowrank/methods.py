@@ -22,7 +22,9 @@ from onnx_lowrank.factorize import spectra
 from onnx_lowrank.factorize.cp import max_cp_rank
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.ranks import ModeSpectrum
-from onnx_lowrank.rewrite.chain import Chain, ConvStage, MatMulStage, ShuffleStage, VersatileChain, chain_costs
+from onnx_lowrank.rewrite.chain import (
+    Chain, ConvStage, MatMulStage, ShuffleStage, VersatileChain, chain_costs, flush_subnormals,
+)
 
 __all__ = ["METHOD_NAMES", "DataFit", "Plan", "chain_kernel", "chain_template", "data_spectra", "full_ranks", "mode_spectra", "not_applicable",
            "plan", "resolved_method"]
@@ -297,7 +299,8 @@ def plan(layer: Layer, method: str, policy, tiles: tuple[int, int] = (2, 2), see
 
     With `data`, the factorization minimises the layer's OUTPUT error on the calibration inputs
     (whitened SVDs, data-driven Tucker-2), then the last factor is refit by least squares against
-    the original layer's output and the bias shifted by the remaining mean difference.
+    the original layer's output and the bias shifted by the remaining mean difference. Subnormal
+    weights are flushed to zero (`flush_subnormals`: slow on CPUs, numerically nothing).
     """
     method = resolved_method(layer, method)
     reason = not_applicable(layer, method, tiles)
@@ -316,6 +319,7 @@ def plan(layer: Layer, method: str, policy, tiles: tuple[int, int] = (2, 2), see
     chain = _filled(chain_template(layer, method, ranks, tiles), factors.weights)
     if data is not None and layer.op != "ConvTranspose" and (data.refit or data.bias_correction):
         chain = _refit(layer, chain, factors, data, tiles)
+    chain = flush_subnormals(chain)
     macs, params = chain_costs(chain, layer)
     return Plan(method, ranks, chain, macs, params, _weight_error(layer, chain, factors))
 

@@ -211,3 +211,14 @@ def test_compress_folds_by_default_and_keeps_with_no_fold(rng, tmp_path):
         validate_report(report)
         assert report["folded"]["output_affine"] == int(fold)
         assert report["validation"]["outputs"][0]["cosine"] > 0.5
+
+
+def test_folded_weights_carry_no_subnormals(rng):
+    weight = rng.standard_normal((C_OUT, C_IN, 1, 1))
+    weight[0] = 1e-30  # times 1e-10 below: subnormal in float32
+    inits = [_const("W", weight), _const("c", 1e-10)]
+    model = make_model([_conv("conv", "x", "t", "W"), _elementwise("Mul", "t", "c", "y")],
+                       [_value("x", (1, C_IN, 4, 4))], [_value("y", None)], inits)
+    folded = numpy_helper.to_array(next(t for t in fold_elementwise(model)[0].graph.initializer
+                                        if t.name == "conv/folded_weight"))
+    assert np.all(folded[0] == 0) and np.all(folded[1:] != 0)

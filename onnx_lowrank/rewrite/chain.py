@@ -23,7 +23,8 @@ import onnx_graphsurgeon as gs
 
 from onnx_lowrank.graph import Layer
 
-__all__ = ["Chain", "ConvStage", "VersatileChain", "MatMulStage", "ShuffleStage", "apply_chain", "chain_costs"]
+__all__ = ["Chain", "ConvStage", "VersatileChain", "MatMulStage", "ShuffleStage", "apply_chain", "chain_costs",
+           "flush_subnormals", "zero_subnormals"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,29 @@ class Chain:
     @property
     def params(self) -> int:
         return sum(s.weight.size for s in self.stages if not isinstance(s, ShuffleStage))
+
+
+def zero_subnormals(array: np.ndarray) -> np.ndarray:
+    """`array` with its subnormal values (0 < |w| < the dtype's smallest normal number) set to 0.
+
+    They change no output measurably (below 1.2e-38 in float32) but make every multiply-add that
+    meets them take a microcode assist on x86 CPUs: a refit factor of a PP-OCRv4 recogniser layer
+    holding 476 of them (the rows of dead output channels) ran 14x slower in onnxruntime than the
+    same factor flushed.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    smallest = np.finfo(array.dtype).tiny
+    subnormal = (array != 0) & (np.abs(array) < smallest)
+    return np.where(subnormal, np.zeros((), array.dtype), array) if subnormal.any() else array
+
+
+def flush_subnormals(chain: Chain) -> Chain:
+    """`chain` with `zero_subnormals` applied to every stage's weight and to its bias."""
+    stages = tuple(stage if isinstance(stage, ShuffleStage) else
+                   dataclasses.replace(stage, weight=zero_subnormals(stage.weight)) for stage in chain.stages)
+    bias = None if chain.bias is None else zero_subnormals(chain.bias)
+    return dataclasses.replace(chain, stages=stages, bias=bias)
 
 
 def _conv_geometry(stage: ConvStage, layer: Layer) -> dict:
