@@ -73,7 +73,11 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     The input model is not modified. Shapes are inferred first so that a constant of full rank is
     only folded into an input whose rank is known to match.
     """
-    inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (ValueError, onnx.shape_inference.InferenceError) as exc:  # > 2 GiB, or a model inference rejects
+        log.info("folding without inferred shapes: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        inferred = model
     graph = gs.import_onnx(inferred)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     counts = FoldCounts()
@@ -237,10 +241,8 @@ def _fold_input_affine(graph: gs.Graph, node: gs.Node, names: set[str]) -> bool:
         channels = weight.shape[1] * groups
         scale = _per_channel(affine.scale, channels, weight.ndim)
         shift = _per_channel(affine.shift, channels, weight.ndim)
-        full_rank = max(affine.scale.ndim, np.ndim(affine.shift)) == weight.ndim
-        known_rank = affine.x.shape is not None and len(affine.x.shape) == weight.ndim
         if (scale is None or shift is None or affine.scale.dtype != weight.dtype
-                or (full_rank and not known_rank) or (shifted and not _pads_nothing(conv))):
+                or not _keeps_shape(affine, weight.ndim, channels) or (shifted and not _pads_nothing(conv))):
             return False
         # W[o, j] reads input channel g(o)·C_in/g + j, g(o) = the group of output channel o.
         group_of_row = np.arange(weight.shape[0]) // (weight.shape[0] // groups)
@@ -255,6 +257,17 @@ def _fold_input_affine(graph: gs.Graph, node: gs.Node, names: set[str]) -> bool:
         _set_conv_weights(conv, weight, bias, dtype, names)
         conv.inputs[0] = x
     return True
+
+
+def _keeps_shape(affine: _Affine, rank: int, channels: int) -> bool:
+    """Whether the affine node's output has the shape of its input `x`, so the convolution can read
+    `x` instead: a constant of one element and lower rank cannot broadcast `x`; otherwise `x`'s
+    inferred shape must show `rank` axes and `channels` channels."""
+    constants = (np.asarray(affine.scale), np.asarray(affine.shift))
+    if all(c.size == 1 and c.ndim < rank for c in constants):
+        return True
+    shape = affine.x.shape
+    return shape is not None and len(shape) == rank and shape[1] == channels
 
 
 def _pads_nothing(conv: gs.Node) -> bool:

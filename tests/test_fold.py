@@ -222,3 +222,11 @@ def test_folded_weights_carry_no_subnormals(rng):
     folded = numpy_helper.to_array(next(t for t in fold_elementwise(model)[0].graph.initializer
                                         if t.name == "conv/folded_weight"))
     assert np.all(folded[0] == 0) and np.all(folded[1:] != 0)
+
+
+def test_an_affine_that_broadcasts_its_input_to_more_channels_stays(rng):
+    """x has 1 channel, the Mul's constant 4: the conv after it reads 4 channels, x cannot replace it."""
+    inits = [_const("s", rng.uniform(0.5, 2.0, (1, 4, 1, 1))), _const("W", rng.standard_normal((C_OUT, 4, 1, 1)))]
+    nodes = [_elementwise("Mul", "x", "s", "scaled"), _conv("conv", "scaled", "y", "W")]
+    model = make_model(nodes, [_value("x", (1, 1, 5, 5))], [_value("y", None)], inits)
+    assert fold_elementwise(model)[1].total == 0
