@@ -70,8 +70,8 @@ class _Affine:
 def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCounts]:
     """Return `model` with the three folds of this module applied to its main graph, and counts.
 
-    The input model is not modified. Shapes are inferred first so that a constant of full rank is
-    only folded into an input whose rank is known to match.
+    The input model is not modified. Shapes are inferred first: an affine node is folded into the
+    convolutions after it only where its input provably has its output's shape.
     """
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -81,7 +81,7 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     graph = gs.import_onnx(inferred)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     counts = FoldCounts()
-    names = {name for name in graph.tensors()}
+    names = set(graph.tensors())
     changed = True
     while changed:
         changed = False
