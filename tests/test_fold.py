@@ -230,3 +230,18 @@ def test_an_affine_that_broadcasts_its_input_to_more_channels_stays(rng):
     nodes = [_elementwise("Mul", "x", "s", "scaled"), _conv("conv", "scaled", "y", "W")]
     model = make_model(nodes, [_value("x", (1, 1, 5, 5))], [_value("y", None)], inits)
     assert fold_elementwise(model)[1].total == 0
+
+
+def test_cli_says_what_it_folded_and_no_fold_keeps_the_nodes(rng, tmp_path, capsys):
+    from onnx_lowrank import cli
+
+    inits = [_const("W", rng.standard_normal((32, 32, 3, 3))), _const("c", rng.uniform(1, 2, (1, 32, 1, 1)))]
+    model = make_model([_conv("conv", "x", "t", "W", pads=[1, 1, 1, 1]), _elementwise("Mul", "t", "c", "y")],
+                       [_value("x", (1, 32, 8, 8))], [_value("y", None)], inits)
+    onnx.save(model, tmp_path / "in.onnx")
+    assert cli.main(["compress", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "a.onnx"), "--no-latency"]) == 0
+    assert "folded exactly: 1 + 0 per-channel affine nodes" in capsys.readouterr().out
+    assert cli.main(["compress", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "b.onnx"), "--no-latency",
+                     "--no-fold"]) == 0
+    assert "folded exactly" not in capsys.readouterr().out
+    assert "Mul" in {n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node}
