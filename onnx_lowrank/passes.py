@@ -253,9 +253,11 @@ class BudgetPass(Pass):
         allocation = ranks.allocate(options, self.target * total - fixed)
         if not allocation.feasible:
             lowest = (fixed + allocation.lowest_cost) / total
+            timed = (" and only chains measured faster than their layers (--latency-aware)"
+                     if self.judge is not None and self.measure != "latency" else "")
             raise InputError(f"{flag} {self.target:g} is unreachable with these settings; the lowest "
                              f"reachable is {lowest:.3f} of the model's {MEASURE_NAMES[self.measure]} with ranks "
-                             f"in steps of {self.multiple} (a smaller --rank-multiple reaches lower)")
+                             f"in steps of {self.multiple}{timed} (a smaller --rank-multiple reaches lower)")
         if (fixed + allocation.cost) / total < self.target - TARGET_TOLERANCE:
             # The rank grid is coarse: allow the upper half of the band rather than undershoot.
             allocation = ranks.allocate(options, (self.target + TARGET_TOLERANCE) * total - fixed)

@@ -107,3 +107,11 @@ def test_latency_aware_end_to_end_on_cpu(tmp_path):
     for decision in workspace.decisions.values():
         if decision.status == "rewritten":
             assert decision.latency_ms_after < decision.latency_ms_before
+
+
+def test_a_mac_target_out_of_reach_of_the_faster_chains_is_refused_with_the_reason():
+    from onnx_lowrank.errors import InputError
+
+    judge = LatencyJudge("cpu", margin=0.05, timer=fake_timer({"/conv2/Conv", "/conv3/Conv", "/conv4/Conv"}))
+    with pytest.raises(InputError, match="only chains measured faster"):
+        run_passes(BudgetPass(0.3, "macs", ("svd", "tucker2"), multiple=8, judge=judge))
