@@ -251,10 +251,10 @@ class BudgetPass(Pass):
         fixed = total - sum(o.dense_cost for o in options)
         flag = f"--target-{self.measure}"
         allocation = ranks.allocate(options, self.target * total - fixed)
+        timed = (" and only chains measured faster than their layers (--latency-aware)"
+                 if self.judge is not None and self.measure != "latency" else "")
         if not allocation.feasible:
             lowest = (fixed + allocation.lowest_cost) / total
-            timed = (" and only chains measured faster than their layers (--latency-aware)"
-                     if self.judge is not None and self.measure != "latency" else "")
             raise InputError(f"{flag} {self.target:g} is unreachable with these settings; the lowest "
                              f"reachable is {lowest:.3f} of the model's {MEASURE_NAMES[self.measure]} with ranks "
                              f"in steps of {self.multiple}{timed} (a smaller --rank-multiple reaches lower)")
@@ -263,7 +263,7 @@ class BudgetPass(Pass):
             allocation = ranks.allocate(options, (self.target + TARGET_TOLERANCE) * total - fixed)
         kept = (fixed + allocation.cost) / total
         if abs(kept - self.target) > TARGET_TOLERANCE:
-            raise InputError(f"{flag} {self.target:g}: with ranks in steps of {self.multiple} the closest "
+            raise InputError(f"{flag} {self.target:g}: with ranks in steps of {self.multiple}{timed} the closest "
                              f"plan keeps {kept:.3f}, outside ±{TARGET_TOLERANCE:g}; "
                              "try a smaller --rank-multiple")
         for decision in candidates:
