@@ -7,13 +7,14 @@ they sit between convolutions, converts the layout to and from its blocked NCHWc
 every convolution. Folding them changes no value beyond float rounding and removes those passes;
 the convolutions the low-rank rewrites then shorten become a larger share of the time.
 
-Three rules, applied until none matches (each removes at least one node):
+Three rules, applied until none matches (each ends with at least one node fewer):
 
 - output affine: `Conv(x; W, b)·s + t = Conv(x; W·s[o], b·s + t)` for per-output-channel `s`, `t`
   when the convolution's output feeds only that node;
 - input affine: `Conv(x·s + t; W, b) = Conv(x; W·s[i], b + Σ_{i,k} W[o,i,k]·t[i])` for
   per-input-channel `s`, `t`; the shift `t` only where the convolution pads nothing (zero padding of
-  `x·s + t` is not `t` at the borders), the scale `s` always (zero padding commutes with it);
+  `x·s + t` is not `t` at the borders), the scale `s` always (zero padding commutes with it): a
+  scale followed by a shift in front of padded convolutions is rewritten `(x + t/s)·s` first;
 - hard-swish: `x·clip(x + 3, 0, 6)/6` (in any order of the product and the division) becomes
   `HardSwish(x)` from opset 14, `x·HardSigmoid(x; α=1/6, β=1/2)` below it.
 
@@ -92,6 +93,8 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
                 counts.output_affine += 1
             elif node.op in AFFINE_OPS and _fold_input_affine(graph, node, names):
                 counts.input_affine += 1
+            elif node.op == "Mul" and _swap_scale_past_shift(graph, node, names):
+                pass  # no node fewer yet: the next sweep folds the moved scale into the convolutions
             elif node.op == "Clip" and _fuse_hard_swish(graph, node, opset):
                 counts.hard_swish += 1
             else:
@@ -179,11 +182,7 @@ def _set_conv_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray, dtype
     subnormal values flushed to zero (`zero_subnormals`)."""
     tensors = []
     for role, value in (("weight", weight), ("bias", bias)):
-        name, k = f"{node.name}/folded_{role}", 1
-        while name in names:
-            k += 1
-            name = f"{node.name}/folded_{role}_{k}"
-        names.add(name)
+        name = _unique(f"{node.name}/folded_{role}", names)
         tensors.append(gs.Constant(name, np.ascontiguousarray(zero_subnormals(value.astype(dtype)))))
     _replace(node.inputs, [node.inputs[0], *tensors])
 
@@ -257,6 +256,52 @@ def _fold_input_affine(graph: gs.Graph, node: gs.Node, names: set[str]) -> bool:
         _set_conv_weights(conv, weight, bias, dtype, names)
         conv.inputs[0] = x
     return True
+
+
+def _swap_scale_past_shift(graph: gs.Graph, mul: gs.Node, names: set[str]) -> bool:
+    """`(x·s + t) -> padded convs` becomes `(x + t/s)·s -> convs`, so `_fold_input_affine` can fold
+    the scale `s` (never zero) into the convolutions; the shift stays in front of them.
+
+    Only where the product is read by the shift alone and the shift only by convolutions, so the
+    swap always ends in one node fewer.
+    """
+    scaled = _affine(mul)
+    shift_node = _only_reader(mul.outputs[0], graph) if scaled is not None else None
+    shifted = _affine(shift_node) if shift_node is not None else None
+    if (scaled is None or shifted is None or mul.op != "Mul" or np.any(scaled.scale == 0)
+            or shifted.x is not mul.outputs[0] or np.any(shifted.scale != 1) or np.any(scaled.shift != 0)
+            or shift_node.outputs[0] in graph.outputs or not shift_node.outputs[0].outputs):
+        return False
+    readers = list(shift_node.outputs[0].outputs)
+    if any(r.op != "Conv" or r.inputs[0] is not shift_node.outputs[0] or _conv_weights(r) is None for r in readers):
+        return False
+    weight = _conv_weights(readers[0])[0]
+    channels = weight.shape[1] * int(readers[0].attrs.get("group", 1))
+    if not (_keeps_shape(scaled, weight.ndim, channels) and _keeps_shape(shifted, weight.ndim, channels)):
+        return False
+    x, y, scale = scaled.x, shift_node.outputs[0], scaled.scale
+    moved = (np.asarray(shifted.shift) / scale).astype(np.asarray(shifted.shift).dtype)
+    if moved.ndim > weight.ndim:
+        return False
+    _detach(mul, shift_node)
+    middle = gs.Variable(_unique(f"{mul.name}/shifted", names), dtype=y.dtype, shape=y.shape)
+    graph.nodes.append(gs.Node("Add", name=_unique(f"{shift_node.name}/before_scale", names),
+                               inputs=[x, gs.Constant(_unique(f"{shift_node.name}/shift_over_scale", names),
+                                                      moved)], outputs=[middle]))
+    graph.nodes.append(gs.Node("Mul", name=_unique(f"{mul.name}/after_shift", names),
+                               inputs=[middle, gs.Constant(_unique(f"{mul.name}/scale", names), scale)],
+                               outputs=[y]))
+    return True
+
+
+def _unique(name: str, names: set[str]) -> str:
+    """`name`, or `name_2`, `name_3`... whichever is not taken yet; recorded as taken."""
+    candidate, k = name, 1
+    while candidate in names:
+        k += 1
+        candidate = f"{name}_{k}"
+    names.add(candidate)
+    return candidate
 
 
 def _keeps_shape(affine: _Affine, rank: int, channels: int) -> bool:

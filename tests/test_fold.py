@@ -102,8 +102,8 @@ def test_affine_before_convs_folds_its_scale_always_and_its_shift_only_without_p
     model = make_model(nodes, [_value("x", x_shape)], [_value("y1", None), _value("y2", None)], inits)
     folded, counts = fold_elementwise(model)
     padded = any(pads)
-    assert counts.input_affine == (0 if padded else 2)
-    assert _ops(folded) == ({"Mul": 1, "Add": 1, "Conv": 2} if padded else {"Conv": 2})
+    assert counts.input_affine == (1 if padded else 2)  # padded: the scale moves past the shift, folds
+    assert _ops(folded) == ({"Add": 1, "Conv": 2} if padded else {"Conv": 2})
     assert_numerically_equal(model, folded, _feed(rng, x_shape))
 
 
@@ -245,3 +245,23 @@ def test_cli_says_what_it_folded_and_no_fold_keeps_the_nodes(rng, tmp_path, caps
                      "--no-fold"]) == 0
     assert "folded exactly" not in capsys.readouterr().out
     assert "Mul" in {n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node}
+
+
+@pytest.mark.parametrize("zero_in_scale", [False, True])
+def test_a_scale_before_a_shift_before_padded_convs_folds_past_the_shift(rng, zero_in_scale):
+    """Mul(s) -> Add(t) -> padded Conv becomes Add(t/s) -> Conv(W·s); a zero in s stops it."""
+    x_shape = (1, C_IN, 8, 8)
+    scale = rng.uniform(0.5, 2.0, (1, C_IN, 1, 1))
+    if zero_in_scale:
+        scale[0, 2] = 0.0
+    inits = [_const("s", scale), _const("t", rng.standard_normal((1, C_IN, 1, 1))),
+             _const("W", rng.standard_normal((C_OUT, C_IN // 2, 3, 3))), _const("B", rng.standard_normal(C_OUT))]
+    nodes = [_elementwise("Mul", "x", "s", "scaled"), _elementwise("Add", "scaled", "t", "shifted"),
+             _conv("conv", "shifted", "y", "W", "B", group=2, pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [_value("x", x_shape)], [_value("y", None)], inits)
+    folded, counts = fold_elementwise(model)
+    if zero_in_scale:
+        assert counts.total == 0
+        return
+    assert counts.input_affine == 1 and _ops(folded) == {"Add": 1, "Conv": 1}
+    assert_numerically_equal(model, folded, _feed(rng, x_shape))
