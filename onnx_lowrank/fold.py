@@ -4,8 +4,9 @@ Exporters often leave per-channel affine maps beside convolutions (Paddle's lear
 blocks, scale layers, mean/std normalisation) and spell hard-swish as four element-wise nodes.
 onnxruntime's CPU provider runs each of them as a separate pass over the activation and, because
 they sit between convolutions, converts the layout to and from its blocked NCHWc format around
-every convolution. Folding them changes no value beyond float rounding and removes those passes;
-the convolutions the low-rank rewrites then shorten become a larger share of the time.
+every convolution. Folding them changes no value beyond the rounding of the model's float type and
+removes those passes; the convolutions the low-rank rewrites then shorten become a larger share
+of the time.
 
 Three rules, applied until none matches (each ends with at least one node fewer):
 
@@ -74,6 +75,11 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     The input model is not modified. Shapes are inferred first: an affine node is folded into the
     convolutions after it only where its input provably has its output's shape.
     """
+    initializers = {t.name for t in model.graph.initializer}
+    if model.graph.sparse_initializer or any(i.name in initializers for i in model.graph.input):
+        log.info("not folding: the model has sparse initializers or initializers listed as graph inputs, "
+                 "which the graph rebuild would not keep")
+        return model, FoldCounts()
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except (ValueError, onnx.shape_inference.InferenceError) as exc:  # > 2 GiB, or a model inference rejects
@@ -82,20 +88,20 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     graph = gs.import_onnx(inferred)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     counts = FoldCounts()
-    names = set(graph.tensors())
+    names = set(graph.tensors()) | {node.name for node in graph.nodes}
     changed = True
     while changed:
         changed = False
         for node in list(graph.nodes):
             if not node.outputs:
                 continue
-            if node.op == "Conv" and _fold_output_affine(graph, node, names):
+            if _op(node) == "Conv" and _fold_output_affine(graph, node, names):
                 counts.output_affine += 1
-            elif node.op in AFFINE_OPS and _fold_input_affine(graph, node, names):
+            elif _op(node) in AFFINE_OPS and _fold_input_affine(graph, node, names):
                 counts.input_affine += 1
-            elif node.op == "Mul" and _swap_scale_past_shift(graph, node, names):
+            elif _op(node) == "Mul" and _swap_scale_past_shift(graph, node, names):
                 pass  # no node fewer yet: the next sweep folds the moved scale into the convolutions
-            elif node.op == "Clip" and _fuse_hard_swish(graph, node, opset):
+            elif _op(node) == "Clip" and _fuse_hard_swish(graph, node, opset, names):
                 counts.hard_swish += 1
             else:
                 continue
@@ -118,6 +124,11 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     return folded, counts
 
 
+def _op(node: gs.Node) -> str | None:
+    """The node's operator if it is one of the default ONNX domain (custom domains never match)."""
+    return node.op if node.domain in (None, "", "ai.onnx") else None
+
+
 def _constant(tensor) -> np.ndarray | None:
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
@@ -131,7 +142,7 @@ def _only_reader(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
 
 def _affine(node: gs.Node) -> _Affine | None:
     """`node` as `scale·x + shift` when it is Mul/Add/Sub/Div of one variable and one constant."""
-    if node.op not in AFFINE_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+    if _op(node) not in AFFINE_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
         return None
     values = [_constant(t) for t in node.inputs]
     if (values[0] is None) == (values[1] is None):
@@ -141,11 +152,11 @@ def _affine(node: gs.Node) -> _Affine | None:
     if not np.issubdtype(c.dtype, np.floating):
         return None
     one, zero = np.ones((), c.dtype), np.zeros((), c.dtype)
-    if node.op == "Mul":
+    if _op(node) == "Mul":
         return _Affine(node, x, c, zero)
-    if node.op == "Add":
+    if _op(node) == "Add":
         return _Affine(node, x, one, c)
-    if node.op == "Sub":
+    if _op(node) == "Sub":
         return _Affine(node, x, one, -c) if first_is_x else _Affine(node, x, -one, c)
     if first_is_x and np.all(c != 0):
         return _Affine(node, x, (one / c).astype(c.dtype), zero)
@@ -230,7 +241,7 @@ def _fold_input_affine(graph: gs.Graph, node: gs.Node, names: set[str]) -> bool:
     if affine is None or node.outputs[0] in graph.outputs or not node.outputs[0].outputs:
         return False
     readers = list(node.outputs[0].outputs)
-    if any(r.op != "Conv" or r.inputs[0] is not node.outputs[0] or _conv_weights(r) is None for r in readers):
+    if any(_op(r) != "Conv" or r.inputs[0] is not node.outputs[0] or _conv_weights(r) is None for r in readers):
         return False
     shifted = bool(np.any(affine.shift != 0))
     plans = []
@@ -268,20 +279,23 @@ def _swap_scale_past_shift(graph: gs.Graph, mul: gs.Node, names: set[str]) -> bo
     scaled = _affine(mul)
     shift_node = _only_reader(mul.outputs[0], graph) if scaled is not None else None
     shifted = _affine(shift_node) if shift_node is not None else None
-    if (scaled is None or shifted is None or mul.op != "Mul" or np.any(scaled.scale == 0)
+    if (scaled is None or shifted is None or _op(mul) != "Mul" or np.any(scaled.scale == 0)
             or shifted.x is not mul.outputs[0] or np.any(shifted.scale != 1) or np.any(scaled.shift != 0)
             or shift_node.outputs[0] in graph.outputs or not shift_node.outputs[0].outputs):
         return False
     readers = list(shift_node.outputs[0].outputs)
-    if any(r.op != "Conv" or r.inputs[0] is not shift_node.outputs[0] or _conv_weights(r) is None for r in readers):
+    if any(_op(r) != "Conv" or r.inputs[0] is not shift_node.outputs[0] or _conv_weights(r) is None for r in readers):
         return False
     weight = _conv_weights(readers[0])[0]
     channels = weight.shape[1] * int(readers[0].attrs.get("group", 1))
     if not (_keeps_shape(scaled, weight.ndim, channels) and _keeps_shape(shifted, weight.ndim, channels)):
         return False
     x, y, scale = scaled.x, shift_node.outputs[0], scaled.scale
-    moved = (np.asarray(shifted.shift) / scale).astype(np.asarray(shifted.shift).dtype)
-    if moved.ndim > weight.ndim:
+    if _per_channel(scale, channels, weight.ndim) is None or np.abs(scale).min() < np.sqrt(np.finfo(scale.dtype).tiny):
+        return False  # a scale that cannot fold, or one so small that t/s and W·s lose precision
+    with np.errstate(over="ignore"):
+        moved = (np.asarray(shifted.shift) / scale).astype(np.asarray(shifted.shift).dtype)
+    if moved.ndim > weight.ndim or not np.all(np.isfinite(moved)):
         return False
     _detach(mul, shift_node)
     middle = gs.Variable(_unique(f"{mul.name}/shifted", names), dtype=y.dtype, shape=y.shape)
@@ -324,25 +338,29 @@ def _pads_nothing(conv: gs.Node) -> bool:
 
 
 def _is(value: np.ndarray | None, number: float) -> bool:
-    return value is not None and value.size == 1 and bool(np.isclose(float(value.reshape(())), number,
-                                                                       rtol=CONSTANT_RTOL, atol=0))
+    """Whether `value` is one floating number equal to `number` to within its type's rounding."""
+    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+        return False
+    tolerance = max(CONSTANT_RTOL, 4 * float(np.finfo(value.dtype).eps))
+    return bool(np.isclose(float(value.reshape(())), number, rtol=tolerance, atol=0))
 
 
-def _scaled_by_sixth(node: gs.Node, tensor: gs.Tensor) -> bool:
-    """Whether `node` is `tensor / 6` or `tensor · (1/6)`."""
-    if node.op == "Div":
-        return node.inputs[0] is tensor and _is(_constant(node.inputs[1]), 6.0)
-    if node.op == "Mul":
-        other = [t for t in node.inputs if t is not tensor]
-        return len(other) == 1 and _is(_constant(other[0]), 1 / 6)
+def _scaled_by_sixth(node: gs.Node, tensor: gs.Tensor, rank: int) -> bool:
+    """Whether `node` is `tensor / 6` or `tensor · (1/6)` with a constant of at most `rank` axes."""
+    if _op(node) == "Div":
+        six = _constant(node.inputs[1])
+        return node.inputs[0] is tensor and _is(six, 6.0) and six.ndim <= rank
+    if _op(node) == "Mul":
+        other = [_constant(t) for t in node.inputs if t is not tensor]
+        return len(other) == 1 and _is(other[0], 1 / 6) and other[0].ndim <= rank
     return False
 
 
 def _product_with(node: gs.Node, tensor: gs.Tensor, x: gs.Tensor) -> bool:
-    return node.op == "Mul" and len(node.inputs) == 2 and {id(t) for t in node.inputs} == {id(tensor), id(x)}
+    return _op(node) == "Mul" and len(node.inputs) == 2 and {id(t) for t in node.inputs} == {id(tensor), id(x)}
 
 
-def _fuse_hard_swish(graph: gs.Graph, clip: gs.Node, opset: int) -> bool:
+def _fuse_hard_swish(graph: gs.Graph, clip: gs.Node, opset: int, names: set[str]) -> bool:
     """`x·clip(x + 3, 0, 6)/6` -> `HardSwish(x)` (opset >= 14) or `x·HardSigmoid(x; 1/6, 1/2)`.
 
     Matched from the Clip: its input is `Add(x, 3)`, its bounds the constants 0 and 6 (inputs
@@ -352,28 +370,36 @@ def _fuse_hard_swish(graph: gs.Graph, clip: gs.Node, opset: int) -> bool:
     if len(clip.inputs) != 3 or not (_is(_constant(clip.inputs[1]), 0.0) and _is(_constant(clip.inputs[2]), 6.0)):
         return False
     add = clip.inputs[0].inputs[0] if clip.inputs[0].inputs else None
-    if add is None or add.op != "Add" or _only_reader(add.outputs[0], graph) is not clip:
+    if add is None or _op(add) != "Add" or _only_reader(add.outputs[0], graph) is not clip:
         return False
     variables = [t for t in add.inputs if _constant(t) is None]
     constants = [t for t in add.inputs if _constant(t) is not None]
     if len(variables) != 1 or len(constants) != 1 or not _is(_constant(constants[0]), 3.0):
         return False
     x = variables[0]
+    three = _constant(constants[0])
+    # The constants must not add axes to x (only a known rank tells), and the kernels exist for
+    # float32 and float16 only.
+    rank = len(x.shape) if x.shape is not None else 0
+    if three.dtype not in (np.float32, np.float16) or three.ndim > rank:
+        return False
     first = _only_reader(clip.outputs[0], graph)
     second = _only_reader(first.outputs[0], graph) if first is not None else None
     if second is None:
         return False
-    multiply_first = _product_with(first, clip.outputs[0], x) and _scaled_by_sixth(second, first.outputs[0])
-    divide_first = _scaled_by_sixth(first, clip.outputs[0]) and _product_with(second, first.outputs[0], x)
+    multiply_first = _product_with(first, clip.outputs[0], x) and _scaled_by_sixth(second, first.outputs[0], rank)
+    divide_first = _scaled_by_sixth(first, clip.outputs[0], rank) and _product_with(second, first.outputs[0], x)
     if not (multiply_first or divide_first):
         return False
     y = second.outputs[0]
     _detach(add, clip, first, second)
     if opset >= 14:
-        graph.nodes.append(gs.Node("HardSwish", name=f"{clip.name}/hard_swish", inputs=[x], outputs=[y]))
+        graph.nodes.append(gs.Node("HardSwish", name=_unique(f"{clip.name}/hard_swish", names), inputs=[x],
+                                   outputs=[y]))
     else:
-        gate = gs.Variable(f"{clip.name}/hard_sigmoid_out", dtype=y.dtype, shape=y.shape)
-        graph.nodes.append(gs.Node("HardSigmoid", name=f"{clip.name}/hard_sigmoid", inputs=[x], outputs=[gate],
-                                   attrs={"alpha": 1 / 6, "beta": 0.5}))
-        graph.nodes.append(gs.Node("Mul", name=f"{clip.name}/hard_swish", inputs=[x, gate], outputs=[y]))
+        gate = gs.Variable(_unique(f"{clip.name}/hard_sigmoid_out", names), dtype=y.dtype, shape=y.shape)
+        graph.nodes.append(gs.Node("HardSigmoid", name=_unique(f"{clip.name}/hard_sigmoid", names), inputs=[x],
+                                   outputs=[gate], attrs={"alpha": 1 / 6, "beta": 0.5}))
+        graph.nodes.append(gs.Node("Mul", name=_unique(f"{clip.name}/hard_swish", names), inputs=[x, gate],
+                                   outputs=[y]))
     return True

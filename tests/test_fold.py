@@ -265,3 +265,78 @@ def test_a_scale_before_a_shift_before_padded_convs_folds_past_the_shift(rng, ze
         return
     assert counts.input_affine == 1 and _ops(folded) == {"Add": 1, "Conv": 1}
     assert_numerically_equal(model, folded, _feed(rng, x_shape))
+
+
+def _hard_swish_chain(x, y, three_name, prefix=""):
+    return [helper.make_node("Add", [x, three_name], [f"{prefix}p"], name=""),
+            helper.make_node("Clip", [f"{prefix}p", "zero", "six"], [f"{prefix}r"], name=""),
+            helper.make_node("Mul", [x, f"{prefix}r"], [f"{prefix}m"], name=""),
+            helper.make_node("Div", [f"{prefix}m", "six"], [y], name="")]
+
+
+@pytest.mark.parametrize("case", ["three_adds_axes", "int32", "float64"])
+def test_hard_swish_chains_that_would_change_the_model_stay(case):
+    """A constant of more axes than x broadcasts x up; int and float64 have no HardSwish kernel."""
+    dtype = {"int32": np.int32, "float64": np.float64}.get(case, np.float32)
+    elem = {"int32": TensorProto.INT32, "float64": TensorProto.DOUBLE}.get(case, TensorProto.FLOAT)
+    three = np.full((1, 1, 1) if case == "three_adds_axes" else (), 3, dtype)
+    inits = [numpy_helper.from_array(three, "three"), numpy_helper.from_array(np.asarray(0, dtype), "zero"),
+             numpy_helper.from_array(np.asarray(6, dtype), "six")]
+    model = make_model(_hard_swish_chain("x", "y", "three"), [helper.make_tensor_value_info("x", elem, [2, 3])],
+                       [helper.make_tensor_value_info("y", elem, None)], inits)
+    assert fold_elementwise(model)[1].total == 0
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_unnamed_hard_swish_chains_get_unique_names(rng, opset):
+    inits = [_const("three", 3.0), _const("zero", 0.0), _const("six", 6.0)]
+    nodes = _hard_swish_chain("x", "h", "three", "a") + _hard_swish_chain("h", "y", "three", "b")
+    model = make_model(nodes, [_value("x", (2, 3))], [_value("y", None)], inits, opset=opset)
+    folded, counts = fold_elementwise(model)
+    assert counts.hard_swish == 2
+    onnx.checker.check_model(folded, full_check=True)
+    assert_numerically_equal(model, folded, {"x": rng.uniform(-8, 8, (2, 3)).astype(np.float32)})
+
+
+def test_a_scale_too_small_to_move_past_its_shift_stays(rng):
+    x_shape = (1, C_IN, 6, 6)
+    scale = rng.uniform(0.5, 2.0, (1, C_IN, 1, 1))
+    scale[0, 1] = 1e-30
+    inits = [_const("s", scale), _const("t", rng.standard_normal((1, C_IN, 1, 1))),
+             _const("W", rng.standard_normal((C_OUT, C_IN, 3, 3)))]
+    nodes = [_elementwise("Mul", "x", "s", "scaled"), _elementwise("Add", "scaled", "t", "shifted"),
+             _conv("conv", "shifted", "y", "W", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [_value("x", x_shape)], [_value("y", None)], inits)
+    assert fold_elementwise(model)[1].total == 0
+
+
+@pytest.mark.parametrize("case", ["custom_domain", "initializer_as_input", "sparse_initializer"])
+def test_models_the_rebuild_would_not_keep_are_left_alone(rng, case):
+    inits = [_const("W", rng.standard_normal((C_OUT, C_IN, 1, 1))), _const("c", rng.uniform(1, 2, (1, C_OUT, 1, 1)))]
+    nodes = [_conv("conv", "x", "t", "W"), _elementwise("Mul", "t", "c", "y")]
+    inputs, outputs = [_value("x", (1, C_IN, 4, 4))], [_value("y", None)]
+    if case == "custom_domain":
+        nodes[1].domain = "com.example"
+        graph = helper.make_graph(nodes, "test", inputs, outputs, inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.example", 1)])
+    else:
+        model = make_model(nodes, inputs, outputs, inits)
+    if case == "initializer_as_input":
+        model.graph.input.append(_value("c", (1, C_OUT, 1, 1)))
+    else:
+        values = numpy_helper.from_array(np.asarray([1.0], np.float32), "values")
+        indices = numpy_helper.from_array(np.asarray([0], np.int64), "indices")
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+    folded, counts = fold_elementwise(model)
+    assert counts.total == 0 and folded is model
+
+
+def test_float16_hard_swish_with_a_rounded_sixth_fuses(rng):
+    inits = [numpy_helper.from_array(np.asarray(v, np.float16), n)
+             for n, v in (("three", 3), ("zero", 0), ("six", 6), ("sixth", 1 / 6))]
+    nodes = _hard_swish_chain("x", "y", "three")
+    nodes[-1] = helper.make_node("Mul", ["m", "sixth"], ["y"], name="")
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], inits)
+    assert fold_elementwise(model)[1].hard_swish == 1
