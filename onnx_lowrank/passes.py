@@ -306,7 +306,7 @@ class BudgetPass(Pass):
                 ms = float(np.interp(option_macs, measured_macs[order], measured_ms[order]))
                 if ms < dense * (1 - self.judge.margin):
                     timed.append(ranks.Option(ms if in_ms else option.cost, option.error, option.payload))
-        if dense is None:
+        if dense is None and in_ms:  # no option to time: the layer's own latency still counts
             dense = latency.profile_layer(layer, [], provider=self.judge.provider, threads=self.judge.threads,
                                           cache=self.judge.cache, timer=self.judge.timer).original.median_ms
         return ranks.LayerOptions(layer.name, dense if in_ms else options.dense_cost, timed)
