@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.costs import conv_output_shape
-from onnx_lowrank.graph import Layer
+from onnx_lowrank.graph import Layer, onnx_opset
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 
@@ -233,7 +233,7 @@ def _measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     the axes to centre it over: a softmax ignores a shift along its axis (opset < 13: the axes
     from `axis` on), so that part of a logit error does not count."""
     producers = {output: node for node in model.graph.node for output in node.output}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = onnx_opset(model, 13)
     measured: dict[str, tuple[int, ...]] = {}
     for output in model.graph.output:
         node = producers.get(output.name)

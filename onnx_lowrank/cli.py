@@ -19,6 +19,7 @@ from rich.table import Table
 from onnx_lowrank import __version__, api
 from onnx_lowrank.config import METHOD_NAMES, load_config, parse_tiles
 from onnx_lowrank.errors import BoundError, InputError
+from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.report import compression_report, report_curves, write_report
 
 __all__ = ["main"]
@@ -243,8 +244,7 @@ def _print_compression(console: Console, report: dict) -> None:
                   f"({_share(totals['params_after'], totals['params_before'])})")
     folded = report.get("folded") or {}
     if any(folded.values()):
-        console.print(f"folded exactly: {folded['output_affine']} + {folded['input_affine']} per-channel affine "
-                      f"nodes into convolutions, {folded['hard_swish']} hard-swish chains fused (--no-fold keeps them)")
+        console.print(f"folded exactly: {FoldCounts.from_report(folded).describe()} (--no-fold keeps them)")
     if report["validation"] is not None:
         _print_validation_summary(console, report["validation"])
 

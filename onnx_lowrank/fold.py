@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_lowrank.graph import onnx_opset
 from onnx_lowrank.rewrite.chain import zero_subnormals
 
 __all__ = ["FoldCounts", "fold_elementwise"]
@@ -54,9 +55,15 @@ class FoldCounts:
     def total(self) -> int:
         return self.output_affine + self.input_affine + self.hard_swish
 
+    @classmethod
+    def from_report(cls, folded: dict) -> FoldCounts:
+        """The counts of a report's "folded" object (`dataclasses.asdict` of one)."""
+        return cls(**{field.name: int(folded.get(field.name, 0)) for field in dataclasses.fields(cls)})
+
     def describe(self) -> str:
-        return (f"{self.output_affine} affine nodes folded into the convolutions before them, "
-                f"{self.input_affine} into those after them, {self.hard_swish} hard-swish chains fused")
+        """One line for logs, the CLI and the report."""
+        return (f"{self.output_affine} + {self.input_affine} per-channel affine nodes into the convolutions "
+                f"before / after them, {self.hard_swish} hard-swish chains fused")
 
 
 @dataclasses.dataclass
@@ -86,7 +93,7 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
         log.info("folding without inferred shapes: %s", str(exc).splitlines()[0] if str(exc) else exc)
         inferred = model
     graph = gs.import_onnx(inferred)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = onnx_opset(model, 1)
     counts = FoldCounts()
     names = set(graph.tensors()) | {node.name for node in graph.nodes}
     changed = True
@@ -110,16 +117,12 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     if not counts.total:
         return model, counts
     graph.toposort()
-    folded = gs.export_onnx(graph, do_type_check=False)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)  # opsets, IR version, producer, metadata, functions: all the model's own
+    folded.graph.CopyFrom(gs.export_onnx(graph, do_type_check=False).graph)
     used = {name for node in folded.graph.node for name in (*node.input, *node.output)}
     del folded.graph.value_info[:]
     folded.graph.value_info.extend(v for v in model.graph.value_info if v.name in used)
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(folded, field, getattr(model, field))
-    del folded.opset_import[:]
-    folded.opset_import.extend(model.opset_import)
-    del folded.metadata_props[:]
-    folded.metadata_props.extend(model.metadata_props)
     log.info("folded: %s", counts.describe())
     return folded, counts
 
@@ -131,6 +134,16 @@ def _op(node: gs.Node) -> str | None:
 
 def _constant(tensor) -> np.ndarray | None:
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _conv_readers(tensor: gs.Tensor, graph: gs.Graph) -> list[gs.Node] | None:
+    """The nodes reading `tensor` when there is at least one, all are Convs with constant weights
+    reading it as their data input, and it is not a graph output; None otherwise."""
+    readers = list(tensor.outputs)
+    if tensor in graph.outputs or not readers or any(
+            _op(r) != "Conv" or r.inputs[0] is not tensor or _conv_weights(r) is None for r in readers):
+        return None
+    return readers
 
 
 def _only_reader(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
@@ -238,10 +251,8 @@ def _fold_input_affine(graph: gs.Graph, node: gs.Node, names: set[str]) -> bool:
     The shift folds only into convolutions that pad nothing; otherwise the node stays.
     """
     affine = _affine(node)
-    if affine is None or node.outputs[0] in graph.outputs or not node.outputs[0].outputs:
-        return False
-    readers = list(node.outputs[0].outputs)
-    if any(_op(r) != "Conv" or r.inputs[0] is not node.outputs[0] or _conv_weights(r) is None for r in readers):
+    readers = _conv_readers(node.outputs[0], graph) if affine is not None else None
+    if readers is None:
         return False
     shifted = bool(np.any(affine.shift != 0))
     plans = []
@@ -280,11 +291,10 @@ def _swap_scale_past_shift(graph: gs.Graph, mul: gs.Node, names: set[str]) -> bo
     shift_node = _only_reader(mul.outputs[0], graph) if scaled is not None else None
     shifted = _affine(shift_node) if shift_node is not None else None
     if (scaled is None or shifted is None or _op(mul) != "Mul" or np.any(scaled.scale == 0)
-            or shifted.x is not mul.outputs[0] or np.any(shifted.scale != 1) or np.any(scaled.shift != 0)
-            or shift_node.outputs[0] in graph.outputs or not shift_node.outputs[0].outputs):
+            or shifted.x is not mul.outputs[0] or np.any(shifted.scale != 1) or np.any(scaled.shift != 0)):
         return False
-    readers = list(shift_node.outputs[0].outputs)
-    if any(_op(r) != "Conv" or r.inputs[0] is not shift_node.outputs[0] or _conv_weights(r) is None for r in readers):
+    readers = _conv_readers(shift_node.outputs[0], graph)
+    if readers is None:
         return False
     weight = _conv_weights(readers[0])[0]
     channels = weight.shape[1] * int(readers[0].attrs.get("group", 1))

@@ -24,7 +24,7 @@ from onnx_lowrank.errors import InputError
 
 __all__ = [
     "ConvAttrs", "GemmAttrs", "Layer", "canonicalize", "find_layers", "infer_shapes",
-    "iter_graphs", "model_totals",
+    "iter_graphs", "model_totals", "onnx_opset",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,11 @@ class Layer:
 
 def _listed(shape):
     return list(shape) if shape is not None else None
+
+
+def onnx_opset(model: onnx.ModelProto, default: int) -> int:
+    """The version of the default ONNX domain the model imports, `default` when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default)
 
 
 def iter_graphs(graph: onnx.GraphProto, path: str | None = None

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from onnx_lowrank.files import atomic_write_bytes
+from onnx_lowrank.fold import FoldCounts
 
 __all__ = [
     "STATUSES", "ReportCurves", "compression_report", "markdown_report", "pareto_plot", "report_curves",
@@ -293,9 +294,7 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {title} | {before:,} | {after:,} | {_ratio(after, before)} |")
     folded = report.get("folded") or {}
     if any(folded.values()):
-        lines += ["", f"Folded exactly before factorizing: {folded.get('output_affine', 0)} per-channel affine nodes "
-                  f"into the convolutions before them, {folded.get('input_affine', 0)} into those after them, "
-                  f"{folded.get('hard_swish', 0)} hard-swish chains fused."]
+        lines += ["", f"Folded exactly before factorizing: {FoldCounts.from_report(folded).describe()}."]
     lines += ["", "## Validation", ""]
     lines += _validation_lines(report["validation"])
     lines += ["", "## Layers", ""]
