@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--max-error", type=float, help="largest relative output error of one layer")
     guard.add_argument("--min-cosine", type=float, help="smallest cosine of any model output with the original")
     guard.add_argument("--min-metric", type=float, help="smallest task metric (needs --metric)")
-    guard.add_argument("--metric", help="task metric: top1, detection, ctc or module:function")
+    guard.add_argument("--metric", help="task metric: top1, detection, ctc, textmap or module:function")
     compress.add_argument("--no-validate", dest="validate", action="store_false", default=None,
                           help="do not run the models in onnxruntime to compare them")
     compress.add_argument("--seed", type=int, help="seed for random inputs and CP initialisation")
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("candidate")
     _add_shape_option(validate)
     _add_validation_options(validate)
-    validate.add_argument("--metric", help="task metric: top1, detection, ctc or module:function")
+    validate.add_argument("--metric", help="task metric: top1, detection, ctc, textmap or module:function")
     validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 

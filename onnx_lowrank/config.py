@@ -91,7 +91,7 @@ class Settings:
             raise InputError("--method auto picks methods for a budget: add --target-macs, --target-params "
                              "or --target-latency")
         if self.min_metric is not None and self.metric is None:
-            raise InputError("--min-metric needs a task metric: add --metric top1|detection|ctc|module:function")
+            raise InputError("--min-metric needs a task metric: add --metric top1|detection|ctc|textmap|module:function")
         if self.rank_multiple < 1 or self.jobs < 1:
             raise InputError("--rank-multiple and --jobs must be positive integers")
         if len(self.tiles) != 2 or min(self.tiles) < 1:

@@ -9,7 +9,8 @@ Built-in metrics (by name for `load_metric`):
 
 * ``top1`` -- `classifier_top1`: arg-max agreement of a classifier;
 * ``detection`` -- `detection_f1`: F1 of a YOLO-style detector's boxes after NMS;
-* ``ctc`` -- `ctc_agreement`: exact agreement of greedy CTC decodes.
+* ``ctc`` -- `ctc_agreement`: exact agreement of greedy CTC decodes;
+* ``textmap`` -- `textmap_f1`: F1 of the text boxes a DBNet-style probability map gives.
 
 Anything else is named ``"module:function"`` (or ``"path/to/file.py:function"``).
 """
@@ -34,6 +35,7 @@ __all__ = [
     "ctc_agreement",
     "detection_f1",
     "load_metric",
+    "textmap_f1",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ MAX_NMS = 30000
 MAX_DET = 300
 #: Class offset for per-class NMS in one pass (larger than any image side in pixels).
 _CLASS_OFFSET = 7680.0
+#: DBNet post-processing as PaddleOCR's DBPostProcess: pixels above this are text ...
+TEXT_THRESHOLD = 0.3
+#: ... a region whose mean probability is below this is dropped ...
+BOX_THRESHOLD = 0.6
+#: ... and so is one whose bounding box is narrower than this many pixels.
+MIN_BOX_SIDE = 3
 
 
 def _pick_output(
@@ -330,11 +338,122 @@ def ctc_agreement(
     return same / total if total else 1.0
 
 
+def _regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-connected regions of a 2-D boolean mask, found over its row runs.
+
+    Returns ``(label, row, span)``: one entry per run of True pixels, ``row`` its row,
+    ``span[:, 0]`` / ``span[:, 1]`` its first / last column and ``label`` the region it belongs
+    to (0..regions-1). Runs on adjacent rows join when their columns overlap or touch diagonally.
+    """
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    start_rows, starts = np.nonzero(edges == 1)
+    ends = np.nonzero(edges == -1)[1] - 1
+    parent = list(range(len(starts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of_row = np.searchsorted(start_rows, np.arange(mask.shape[0] + 1))
+    for y in range(1, mask.shape[0]):
+        above, here = range(first_of_row[y - 1], first_of_row[y]), range(first_of_row[y], first_of_row[y + 1])
+        i, j = above.start, here.start
+        while i < above.stop and j < here.stop:
+            if starts[i] <= ends[j] + 1 and starts[j] <= ends[i] + 1:
+                a, b = root(i), root(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            if ends[i] < ends[j]:
+                i += 1
+            else:
+                j += 1
+    _, label = np.unique([root(i) for i in range(len(starts))], return_inverse=True)
+    return label.astype(np.int64), start_rows, np.stack([starts, ends], axis=1)
+
+
+def text_boxes(prob: np.ndarray, *, threshold: float = TEXT_THRESHOLD, box_threshold: float = BOX_THRESHOLD,
+               min_side: int = MIN_BOX_SIDE) -> tuple[np.ndarray, np.ndarray]:
+    """The text boxes of one DBNet-style probability map ``[H, W]``: ``(boxes x1y1x2y2, scores)``.
+
+    As PaddleOCR's DBPostProcess (``score_mode="slow"``, without its unclip): the map is
+    binarised at ``prob > threshold``; each 8-connected region gives its bounding box (pixel
+    edges, so a single pixel at ``(x, y)`` is ``[x, y, x+1, y+1]``) and its score, the mean
+    probability over the region; regions scoring below ``box_threshold`` or with a box side
+    below ``min_side`` pixels are dropped.
+    """
+    label, rows, span = _regions(np.asarray(prob) > threshold)
+    if not len(label):
+        return np.zeros((0, 4)), np.zeros(0)
+    count = label.max() + 1
+    sums = np.cumsum(np.pad(np.asarray(prob, dtype=np.float64), ((0, 0), (1, 0))), axis=1)
+    run_sum = sums[rows, span[:, 1] + 1] - sums[rows, span[:, 0]]
+    score = np.bincount(label, run_sum, count) / np.bincount(label, span[:, 1] - span[:, 0] + 1, count)
+    boxes = np.full((count, 4), np.inf)
+    boxes[:, 2:] = -np.inf
+    np.minimum.at(boxes[:, 0], label, span[:, 0])
+    np.minimum.at(boxes[:, 1], label, rows)
+    np.maximum.at(boxes[:, 2], label, span[:, 1] + 1)
+    np.maximum.at(boxes[:, 3], label, rows + 1)
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    kept = (score >= box_threshold) & (sides >= min_side)
+    return boxes[kept], score[kept]
+
+
+def textmap_f1(
+    original: Outputs,
+    candidate: Outputs,
+    *,
+    output: str | None = None,
+    threshold: float = TEXT_THRESHOLD,
+    box_threshold: float = BOX_THRESHOLD,
+    match_iou: float = MATCH_IOU,
+) -> float:
+    """F1 of the text boxes of a segmentation-style text detector (DBNet, PP-OCR det) against
+    the original's, taken as ground truth.
+
+    Each image's probability map (``[N, 1, H, W]`` or ``[N, H, W]``) becomes boxes with
+    `text_boxes`; candidate boxes, best score first, match the unmatched original box of highest
+    IoU when that IoU >= ``match_iou``. Over all images ``F1 = 2 TP / (2 TP + FP + FN)``; no boxes
+    in either model gives 1.0. Unlike a pixel IoU per image, a few stray pixels on an image
+    without text cost nothing unless they form a confident box.
+
+    Raises:
+        InputError: no output of those shapes, or shapes that differ.
+    """
+    name = _pick_output(
+        original, candidate, lambda a: a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1),
+        "text-map F1 (a probability map [N, 1, H, W])", output,
+    )
+    tp = fp = fn = 0
+    for a_batch, b_batch in zip(original, candidate, strict=True):
+        a, b = np.asarray(a_batch[name]), np.asarray(b_batch[name])
+        if a.shape != b.shape or not (a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1)):
+            raise InputError(
+                f"text-map F1: output '{name}' has shape {a.shape} in the original and "
+                f"{b.shape} in the candidate; expected the same [N, 1, H, W] or [N, H, W]"
+            )
+        for pa, pb in zip(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), strict=True):
+            gt_boxes, gt_scores = text_boxes(pa, threshold=threshold, box_threshold=box_threshold)
+            boxes, scores = text_boxes(pb, threshold=threshold, box_threshold=box_threshold)
+            hits = _match((gt_boxes, gt_scores, np.zeros(len(gt_boxes))), (boxes, scores, np.zeros(len(boxes))),
+                          match_iou)
+            tp += hits
+            fp += len(boxes) - hits
+            fn += len(gt_boxes) - hits
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 1.0
+
+
 #: Metric names `load_metric` knows without an import.
 BUILTIN_METRICS: dict[str, Metric] = {
     "top1": classifier_top1,
     "detection": detection_f1,
     "ctc": ctc_agreement,
+    "textmap": textmap_f1,
 }
 
 
@@ -342,7 +461,7 @@ def load_metric(spec: str | Metric) -> Metric:
     """The metric named by ``spec``.
 
     Args:
-        spec: a built-in name (``top1``, ``detection``, ``ctc``), ``"module:function"``
+        spec: a built-in name (``top1``, ``detection``, ``ctc``, ``textmap``), ``"module:function"``
             (imported with `importlib`), ``"path/to/file.py:function"``, or a callable
             (returned as is).
 

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.metrics import (
@@ -10,7 +12,10 @@ from onnx_lowrank.metrics import (
     ctc_agreement,
     detection_f1,
     load_metric,
+    text_boxes,
+    textmap_f1,
 )
+from onnx_lowrank.metrics import _regions
 
 # ------------------------------------------------------------------ top-1
 
@@ -198,11 +203,102 @@ def test_ctc_errors():
 # ------------------------------------------------------------------ load_metric
 
 
+# ------------------------------------------------------------------ text map (DBNet)
+
+
+def _flood_regions(mask: np.ndarray) -> set[frozenset]:
+    """8-connected regions by breadth-first flood fill: the reference for `_regions`."""
+    seen = np.zeros_like(mask, dtype=bool)
+    regions = set()
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        todo, region = [start], set()
+        seen[start] = True
+        while todo:
+            y, x = todo.pop()
+            region.add((int(y), int(x)))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < mask.shape[0] and 0 <= u < mask.shape[1] and mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        todo.append((v, u))
+        regions.add(frozenset(region))
+    return regions
+
+
+def _run_regions(mask: np.ndarray) -> set[frozenset]:
+    label, rows, span = _regions(mask)
+    found: dict[int, set] = {}
+    for region, y, (x0, x1) in zip(label, rows, span, strict=True):
+        found.setdefault(int(region), set()).update((int(y), x) for x in range(x0, x1 + 1))
+    return {frozenset(r) for r in found.values()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.floats(0.1, 0.9), st.integers(0, 2**31 - 1))
+def test_regions_match_flood_fill(height, width, density, seed):
+    mask = np.random.default_rng(seed).random((height, width)) < density
+    assert _run_regions(mask) == _flood_regions(mask)
+
+
+def test_regions_diagonal_touch_joins_and_gap_splits():
+    mask = np.zeros((3, 7), dtype=bool)
+    mask[0, 0:2] = True
+    mask[1, 2] = True          # touches (0, 1) diagonally: same region
+    mask[2, 4:7] = True        # one column away from (1, 2): a region of its own
+    assert _run_regions(mask) == {frozenset({(0, 0), (0, 1), (1, 2)}), frozenset({(2, 4), (2, 5), (2, 6)})}
+    assert len(_regions(np.zeros((4, 4), dtype=bool))[0]) == 0
+
+
+def _text_map(shape=(40, 60), boxes=((5, 5, 30, 12, 0.9),)):
+    prob = np.full(shape, 0.05, dtype=np.float32)
+    for x0, y0, x1, y1, p in boxes:
+        prob[y0:y1, x0:x1] = p
+    return prob
+
+
+def test_text_boxes_thresholds_and_scores():
+    prob = _text_map(boxes=((5, 5, 30, 12, 0.9), (40, 20, 50, 30, 0.5), (2, 30, 4, 38, 0.95)))
+    boxes, scores = text_boxes(prob)
+    # the 0.5 region scores below the box threshold 0.6; the 2-pixel-wide one is below the min side
+    np.testing.assert_allclose(boxes, [[5, 5, 30, 12]])
+    np.testing.assert_allclose(scores, [0.9], rtol=1e-6)
+    boxes, _ = text_boxes(prob, box_threshold=0.4)
+    assert len(boxes) == 2
+
+
+def test_textmap_f1_known_answers():
+    two = _text_map(boxes=((5, 5, 30, 12, 0.9), (5, 20, 40, 28, 0.8)))
+    one = _text_map(boxes=((5, 5, 30, 12, 0.9),))
+    shifted = _text_map(boxes=((6, 5, 31, 12, 0.9), (5, 20, 40, 28, 0.8)))
+    empty = _text_map(boxes=())
+    speck = _text_map(boxes=((50, 30, 52, 32, 0.4),))     # stray pixels the post-processing drops
+    batch = lambda *maps: [{"maps": np.stack(maps)[:, None]}]
+    assert textmap_f1(batch(two), batch(two)) == 1.0
+    assert textmap_f1(batch(two), batch(one)) == pytest.approx(2 / 3)     # TP 1, FN 1
+    assert textmap_f1(batch(two), batch(shifted)) == 1.0                 # IoU 0.92 still matches
+    assert textmap_f1(batch(empty), batch(speck)) == 1.0                 # no boxes on either side
+    assert textmap_f1(batch(empty), batch(one)) == 0.0                   # FP only
+    # counted over images and batches, [N, H, W] too: TP 1 + 1 + 2, FN 1 -> 8 / 9
+    assert textmap_f1([{"m": np.stack([two, one])}, {"m": two[None]}],
+                      [{"m": np.stack([one, one])}, {"m": two[None]}]) == pytest.approx(8 / 9)
+
+
+def test_textmap_errors():
+    with pytest.raises(InputError, match="probability map"):
+        textmap_f1([{"y": np.zeros((1, 3, 4, 4))}], [{"y": np.zeros((1, 3, 4, 4))}])
+    with pytest.raises(InputError, match="shape"):
+        textmap_f1([{"y": np.zeros((1, 1, 4, 4))}], [{"y": np.zeros((1, 1, 4, 5))}])
+    assert load_metric("textmap") is textmap_f1
+
+
 def test_load_metric_builtin_and_import(tmp_path):
     assert load_metric("top1") is classifier_top1
     assert load_metric("detection") is detection_f1
     assert load_metric("ctc") is ctc_agreement
-    assert set(BUILTIN_METRICS) == {"top1", "detection", "ctc"}
+    assert set(BUILTIN_METRICS) == {"top1", "detection", "ctc", "textmap"}
     assert load_metric("onnx_lowrank.metrics:ctc_agreement") is ctc_agreement
     assert load_metric(len) is len
     script = tmp_path / "my_metric.py"
