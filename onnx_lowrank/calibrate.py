@@ -27,7 +27,7 @@ from onnx_lowrank.graph import Layer, onnx_opset
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 
-__all__ = ["layer_vectors", "output_gains", "vector_count", "walk_layers"]
+__all__ = ["layer_vectors", "measured_outputs", "output_freedom", "output_gains", "vector_count", "walk_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     hides small perturbations, not the errors of a deep cut. One walk over the original model;
     each layer's suffix then runs once on the perturbed copy (about half a forward pass per layer).
     """
-    outputs = _measured_outputs(model)
+    outputs = measured_outputs(model)
     segments = _Segments(model, kept=outputs)
     order = segments.positions(layers)
     state = _inputs(feeds)
@@ -228,7 +228,28 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     return gains
 
 
-def _measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def output_freedom(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """Independent numbers per sample in what `output_gains` compares: each measured output's
+    elements past axis 0, less one per softmax row (the centring removes that direction).
+
+    A two-class softmax gives 1, so each perturbed sample says little about a gain; a text
+    recogniser's ``[T, C]`` logits give ``T·(C-1)``. None when a shape is unknown.
+    """
+    total = 0
+    for name, centred in measured_outputs(model).items():
+        shape = shapes.get(name)
+        if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+            return None
+        per_sample = math.prod(shape[1:])
+        if centred:
+            axes = range(centred[0] % len(shape), len(shape)) if centred[-1] is None else (centred[0] % len(shape),)
+            if 0 not in axes:
+                per_sample -= per_sample // math.prod(shape[a] for a in axes)
+        total += per_sample
+    return total
+
+
+def measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """The graph outputs, each taken before its producer if that is a squashing activation, with
     the axes to centre it over: a softmax ignores a shift along its axis (opset < 13: the axes
     from `axis` on), so that part of a logit error does not count."""
@@ -237,6 +258,8 @@ def _measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     measured: dict[str, tuple[int, ...]] = {}
     for output in model.graph.output:
         node = producers.get(output.name)
+        while node is not None and node.op_type == "Identity" and node.input:   # exporters' renaming
+            node = producers.get(node.input[0])
         if node is None or node.op_type not in SQUASHING or len(node.output) != 1:
             measured.setdefault(output.name, ())
             continue
@@ -267,7 +290,7 @@ def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.rando
 
 def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, tuple[int, ...]], provider: str,
                    budget: ActivationBudget) -> dict[str, list[np.ndarray]]:
-    """The model's float outputs per batch (centred as `_measured_outputs` says), running
+    """The model's float outputs per batch (centred as `measured_outputs` says), running
     `suffix` (the nodes after a layer) on a copy of `state`."""
     state = dict(state)
     if suffix is not None:

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import re
 import time
 import zlib
@@ -49,8 +50,13 @@ MOMENT_SAMPLE_ROWS = 65536
 MEASURE_NAMES = {"macs": "MACs", "params": "parameters", "latency": "latency"}
 #: Chains timed per layer for --target-latency; the rest of its rank grid is interpolated.
 LATENCY_PROBES = 5
-#: Calibration samples `OutputGainsPass` perturbs: gains are averages, a few samples suffice.
+#: Calibration samples `OutputGainsPass` perturbs: gains are averages, a few samples suffice
+#: when the outputs have many independent numbers per sample ...
 GAIN_SAMPLES = 8
+#: ... otherwise as many as give this many numbers in all (a two-class classifier: 64 samples) ...
+GAIN_FREEDOM = 64
+#: ... up to this many.
+MAX_GAIN_SAMPLES = 64
 
 Tracker = Callable[[Iterable, int, str], Iterator]
 
@@ -163,9 +169,12 @@ class FindLayersPass(Pass):
         self.pinned = pinned
 
     def run(self, workspace, progress):
+        from onnx_lowrank import calibrate
+
         model = workspace.model
         need = {t for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
                 for t in (*n.input[:1], *n.input[1:2], n.output[0])}
+        need |= set(calibrate.measured_outputs(model))       # for the output gains' sample count
         workspace.shapes = infer_shapes(model, self.pinned, need=need, seed=workspace.settings.seed)
         workspace.layers = find_layers(model, workspace.shapes)
         workspace.totals_before = model_totals(workspace.layers)
@@ -376,18 +385,33 @@ class OutputGainsPass(Pass):
 
     name = "output gains"
 
-    def __init__(self, feeds: Sequence[dict], samples: int = GAIN_SAMPLES):
-        self.feeds = _first_samples(feeds, samples)
+    def __init__(self, feeds: Sequence[dict]):
+        self.feeds = feeds
 
     def run(self, workspace, progress):
         from onnx_lowrank import calibrate
 
         todo = [d.layer for d in workspace.decisions.values() if d.reason is None and d.layer.subgraph is None]
-        gains = calibrate.output_gains(workspace.canonical, todo, self.feeds, progress=progress)
+        freedom = calibrate.output_freedom(workspace.canonical, workspace.shapes)
+        feeds = _first_samples(self.feeds, gain_samples(freedom))
+        gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress)
         for name, gain in gains.items():
             workspace.decisions[name].output_gain = gain
         spread = f" (from {min(gains.values()):.3g} to {max(gains.values()):.3g})" if gains else ""
-        return PassResult(False, f"output gains of {len(gains)} layers{spread}")
+        samples = sum(len(next(iter(feed.values()))) for feed in feeds)
+        return PassResult(False, f"output gains of {len(gains)} layers{spread}, on {samples} samples")
+
+
+def gain_samples(freedom: int | None) -> int:
+    """Samples to perturb for output gains, given the outputs' independent numbers per sample.
+
+    Each sample's output change is a draw whose squared size has about `freedom` degrees of
+    freedom, so a gain's relative spread is about ``sqrt(2 / (samples · freedom))``:
+    ``samples = clip(ceil(GAIN_FREEDOM / freedom), GAIN_SAMPLES, MAX_GAIN_SAMPLES)``.
+    """
+    if not freedom:
+        return GAIN_SAMPLES
+    return int(min(MAX_GAIN_SAMPLES, max(GAIN_SAMPLES, math.ceil(GAIN_FREEDOM / freedom))))
 
 
 def _first_samples(feeds: Sequence[dict], samples: int) -> list[dict]:

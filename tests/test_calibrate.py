@@ -12,6 +12,7 @@ from onnx_lowrank import api, calibrate
 from onnx_lowrank.config import Settings
 from onnx_lowrank.factorize import data
 from onnx_lowrank.methods import plan
+from onnx_lowrank.passes import MAX_GAIN_SAMPLES, gain_samples
 from onnx_lowrank.ranks import FixedRank
 
 
@@ -130,16 +131,19 @@ def test_moments_do_not_grow_with_the_calibration_set(rng):
     assert small.xx.nbytes == large.xx.nbytes and large.n == 20 * small.n
 
 
-def two_matmul_model(first, second, softmax=False):
-    """x -> MatMul(first) -> h -> MatMul(second) -> y (-> Softmax -> p)."""
+def two_matmul_model(first, second, softmax=False, identity=False, opset=None):
+    """x -> MatMul(first) -> h -> MatMul(second) -> y (-> Softmax -> p (-> Identity -> out))."""
     inits = [numpy_helper.from_array(first.astype(np.float32), "w0"),
              numpy_helper.from_array(second.astype(np.float32), "w1")]
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
              helper.make_node("MatMul", ["h", "w1"], ["y"], name="mm1")]
     if softmax:
-        nodes.append(helper.make_node("Softmax", ["y"], ["p"], axis=-1))
+        nodes.append(helper.make_node("Softmax", ["y"], ["p"], axis=-1 if opset is None or opset >= 13 else 1))
+        if identity:
+            nodes.append(helper.make_node("Identity", ["p"], ["out"]))
         return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, first.shape[0]])],
-                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)], inits)
+                          [helper.make_tensor_value_info("out" if identity else "p", TensorProto.FLOAT, None)],
+                          inits, **({"opset": opset} if opset else {}))
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, first.shape[0]])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
 
@@ -171,6 +175,28 @@ def test_output_gains_look_through_a_saturated_softmax(rng):
     workspace = api.inspect(model)
     gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
     assert gains["mm1"] == pytest.approx(1.0, rel=0.2)     # 1 but for the softmax's shift invariance
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_measured_outputs_look_through_identity_and_count_free_numbers(rng, opset):
+    # PaddlePaddle exports end in Softmax -> Identity: the gains are measured on the logits, and
+    # a two-class softmax leaves one free number per sample, so the gains use 64 samples.
+    model = two_matmul_model(rng.standard_normal((32, 16)), rng.standard_normal((16, 2)),
+                             softmax=True, identity=True, opset=opset)
+    workspace = api.inspect(model)
+    measured = calibrate.measured_outputs(workspace.canonical)
+    assert list(measured) == ["y"]
+    assert calibrate.output_freedom(workspace.canonical, workspace.shapes) == 1
+    assert gain_samples(1) == MAX_GAIN_SAMPLES == 64
+    plain = api.inspect(two_matmul_model(rng.standard_normal((32, 16)), rng.standard_normal((16, 10))))
+    assert calibrate.measured_outputs(plain.canonical) == {"y": ()}
+    assert calibrate.output_freedom(plain.canonical, plain.shapes) == 10
+    assert calibrate.output_freedom(plain.canonical, {}) is None
+
+
+@pytest.mark.parametrize(("freedom", "samples"), [(None, 8), (0, 8), (1, 64), (3, 22), (10, 8), (10**6, 8)])
+def test_gain_samples_grow_as_the_outputs_say_less_per_sample(freedom, samples):
+    assert gain_samples(freedom) == samples
 
 
 @pytest.mark.parametrize("opset", [11, 17])
