@@ -36,6 +36,9 @@ Feed = dict[str, np.ndarray]
 ACTIVATION_MEMORY = 512 << 20
 #: Final activations whose input, not output, `output_gains` compares.
 SQUASHING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid", "Tanh"})
+#: Element types `output_gains` compares (0: undeclared, taken as float).
+_FLOAT_TYPES = frozenset({0, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                          onnx.TensorProto.BFLOAT16})
 Visitor = Callable[[Layer, list[np.ndarray], list[np.ndarray]], Chain | None]
 
 
@@ -229,24 +232,31 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
 
 
 def output_freedom(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """Independent numbers per sample in what `output_gains` compares: each measured output's
-    elements past axis 0, less one per softmax row (the centring removes that direction).
+    """Independent numbers per sample in what `output_gains` compares, for its least telling
+    float output: the output's elements past axis 0, less one per softmax row (the centring
+    removes that direction). The gains average one ratio per output, so the output with the
+    fewest numbers decides how noisy they are.
 
     A two-class softmax gives 1, so each perturbed sample says little about a gain; a text
     recogniser's ``[T, C]`` logits give ``T·(C-1)``. None when a shape is unknown.
     """
-    total = 0
+    declared = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    fewest = None
     for name, centred in measured_outputs(model).items():
+        if declared.get(name, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES:
+            continue                                  # `output_gains` compares float outputs only
         shape = shapes.get(name)
-        if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+        if shape == ():
+            continue                                  # a scalar: no samples to tell apart
+        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
             return None
         per_sample = math.prod(shape[1:])
         if centred:
             axes = range(centred[0] % len(shape), len(shape)) if centred[-1] is None else (centred[0] % len(shape),)
             if 0 not in axes:
                 per_sample -= per_sample // math.prod(shape[a] for a in axes)
-        total += per_sample
-    return total
+        fewest = per_sample if fewest is None else min(fewest, per_sample)
+    return fewest
 
 
 def measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:

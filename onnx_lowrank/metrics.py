@@ -59,7 +59,7 @@ _CLASS_OFFSET = 7680.0
 TEXT_THRESHOLD = 0.3
 #: ... a region whose mean probability is below this is dropped ...
 BOX_THRESHOLD = 0.6
-#: ... and so is one whose bounding box is narrower than this many pixels.
+#: ... and so is one whose box is narrower than this, from pixel centre to pixel centre.
 MIN_BOX_SIDE = 3
 
 
@@ -379,17 +379,22 @@ def text_boxes(prob: np.ndarray, *, threshold: float = TEXT_THRESHOLD, box_thres
                min_side: int = MIN_BOX_SIDE) -> tuple[np.ndarray, np.ndarray]:
     """The text boxes of one DBNet-style probability map ``[H, W]``: ``(boxes x1y1x2y2, scores)``.
 
-    As PaddleOCR's DBPostProcess (``score_mode="slow"``, without its unclip): the map is
-    binarised at ``prob > threshold``; each 8-connected region gives its bounding box (pixel
-    edges, so a single pixel at ``(x, y)`` is ``[x, y, x+1, y+1]``) and its score, the mean
-    probability over the region; regions scoring below ``box_threshold`` or with a box side
-    below ``min_side`` pixels are dropped.
+    After PaddleOCR's DBPostProcess (its inference settings: threshold 0.3, box threshold 0.6,
+    min size 3), simplified to axis-aligned boxes and without the unclip: the map is binarised
+    at ``prob > threshold``; each 8-connected region gives its bounding box (pixel edges, so a
+    single pixel at ``(x, y)`` is ``[x, y, x+1, y+1]``) and its score, the mean probability over
+    the region's pixels; regions scoring below ``box_threshold``, or whose box is narrower than
+    ``min_side`` from pixel centre to pixel centre (as ``cv2.minAreaRect`` measures a contour),
+    are dropped.
     """
-    label, rows, span = _regions(np.asarray(prob) > threshold)
+    prob = np.asarray(prob)
+    mask = prob > threshold
+    label, rows, span = _regions(mask)
     if not len(label):
         return np.zeros((0, 4)), np.zeros(0)
     count = label.max() + 1
-    sums = np.cumsum(np.pad(np.asarray(prob, dtype=np.float64), ((0, 0), (1, 0))), axis=1)
+    inside = np.where(mask, prob.astype(np.float64), 0.0)     # a NaN elsewhere cannot reach a score
+    sums = np.cumsum(np.pad(inside, ((0, 0), (1, 0))), axis=1)
     run_sum = sums[rows, span[:, 1] + 1] - sums[rows, span[:, 0]]
     score = np.bincount(label, run_sum, count) / np.bincount(label, span[:, 1] - span[:, 0] + 1, count)
     boxes = np.full((count, 4), np.inf)
@@ -398,7 +403,7 @@ def text_boxes(prob: np.ndarray, *, threshold: float = TEXT_THRESHOLD, box_thres
     np.minimum.at(boxes[:, 1], label, rows)
     np.maximum.at(boxes[:, 2], label, span[:, 1] + 1)
     np.maximum.at(boxes[:, 3], label, rows + 1)
-    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) - 1
     kept = (score >= box_threshold) & (sides >= min_side)
     return boxes[kept], score[kept]
 
@@ -410,6 +415,7 @@ def textmap_f1(
     output: str | None = None,
     threshold: float = TEXT_THRESHOLD,
     box_threshold: float = BOX_THRESHOLD,
+    min_side: int = MIN_BOX_SIDE,
     match_iou: float = MATCH_IOU,
 ) -> float:
     """F1 of the text boxes of a segmentation-style text detector (DBNet, PP-OCR det) against
@@ -431,14 +437,15 @@ def textmap_f1(
     tp = fp = fn = 0
     for a_batch, b_batch in zip(original, candidate, strict=True):
         a, b = np.asarray(a_batch[name]), np.asarray(b_batch[name])
-        if a.shape != b.shape or not (a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1)):
+        if a.shape != b.shape or not (a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1)) or 0 in a.shape[-2:]:
             raise InputError(
                 f"text-map F1: output '{name}' has shape {a.shape} in the original and "
                 f"{b.shape} in the candidate; expected the same [N, 1, H, W] or [N, H, W]"
             )
+        options = {"threshold": threshold, "box_threshold": box_threshold, "min_side": min_side}
         for pa, pb in zip(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), strict=True):
-            gt_boxes, gt_scores = text_boxes(pa, threshold=threshold, box_threshold=box_threshold)
-            boxes, scores = text_boxes(pb, threshold=threshold, box_threshold=box_threshold)
+            gt_boxes, gt_scores = text_boxes(pa, **options)
+            boxes, scores = text_boxes(pb, **options)
             hits = _match((gt_boxes, gt_scores, np.zeros(len(gt_boxes))), (boxes, scores, np.zeros(len(boxes))),
                           match_iou)
             tp += hits

@@ -169,12 +169,9 @@ class FindLayersPass(Pass):
         self.pinned = pinned
 
     def run(self, workspace, progress):
-        from onnx_lowrank import calibrate
-
         model = workspace.model
         need = {t for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
                 for t in (*n.input[:1], *n.input[1:2], n.output[0])}
-        need |= set(calibrate.measured_outputs(model))       # for the output gains' sample count
         workspace.shapes = infer_shapes(model, self.pinned, need=need, seed=workspace.settings.seed)
         workspace.layers = find_layers(model, workspace.shapes)
         workspace.totals_before = model_totals(workspace.layers)
@@ -385,14 +382,19 @@ class OutputGainsPass(Pass):
 
     name = "output gains"
 
-    def __init__(self, feeds: Sequence[dict]):
+    def __init__(self, feeds: Sequence[dict], pinned: dict[str, tuple[int, ...]] | None = None):
         self.feeds = feeds
+        self.pinned = pinned or {}
 
     def run(self, workspace, progress):
         from onnx_lowrank import calibrate
 
         todo = [d.layer for d in workspace.decisions.values() if d.reason is None and d.layer.subgraph is None]
-        freedom = calibrate.output_freedom(workspace.canonical, workspace.shapes)
+        measured = set(calibrate.measured_outputs(workspace.canonical))
+        shapes = workspace.shapes
+        if not measured <= shapes.keys():   # e.g. logits behind a Reshape that inference cannot follow
+            shapes = infer_shapes(workspace.canonical, self.pinned, need=measured, seed=workspace.settings.seed)
+        freedom = calibrate.output_freedom(workspace.canonical, shapes)
         feeds = _first_samples(self.feeds, gain_samples(freedom))
         gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress)
         for name, gain in gains.items():
@@ -921,7 +923,7 @@ def compress_pipeline(settings: Settings, pinned: dict[str, tuple[int, ...]],
         if data_aware:
             passes.append(DataSpectraPass(calib_feeds, names, settings.tiles))
             if settings.output_weighting:
-                passes.append(OutputGainsPass(calib_feeds))
+                passes.append(OutputGainsPass(calib_feeds, pinned))
         passes.append(BudgetPass(target, measure, names, settings.tiles, settings.rank_multiple, judge))
     if data_aware:
         passes.append(CalibratedFactorizePass(

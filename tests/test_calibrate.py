@@ -194,6 +194,24 @@ def test_measured_outputs_look_through_identity_and_count_free_numbers(rng, opse
     assert calibrate.output_freedom(plain.canonical, {}) is None
 
 
+def test_output_freedom_counts_the_least_telling_float_output(rng):
+    # A two-class softmax beside a 10-wide float output and an int64 label: the label is never
+    # compared, and the softmax's one free number per sample decides.
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 2)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "v")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+             helper.make_node("ArgMax", ["p"], ["label"], axis=1),
+             helper.make_node("MatMul", ["x", "v"], ["features"], name="side")]
+    outputs = [helper.make_tensor_value_info("p", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("label", TensorProto.INT64, None),
+               helper.make_tensor_value_info("features", TensorProto.FLOAT, None)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])], outputs, inits)
+    workspace = api.inspect(model)
+    assert calibrate.output_freedom(workspace.canonical, workspace.shapes) == 1
+    assert calibrate.output_freedom(workspace.canonical, {**workspace.shapes, "features": ()}) == 1
+
+
 @pytest.mark.parametrize(("freedom", "samples"), [(None, 8), (0, 8), (1, 64), (3, 22), (10, 8), (10**6, 8)])
 def test_gain_samples_grow_as_the_outputs_say_less_per_sample(freedom, samples):
     assert gain_samples(freedom) == samples

@@ -260,13 +260,22 @@ def _text_map(shape=(40, 60), boxes=((5, 5, 30, 12, 0.9),)):
 
 
 def test_text_boxes_thresholds_and_scores():
-    prob = _text_map(boxes=((5, 5, 30, 12, 0.9), (40, 20, 50, 30, 0.5), (2, 30, 4, 38, 0.95)))
+    prob = _text_map(boxes=((5, 5, 30, 12, 0.9), (40, 20, 50, 30, 0.5), (2, 30, 5, 38, 0.95)))
     boxes, scores = text_boxes(prob)
-    # the 0.5 region scores below the box threshold 0.6; the 2-pixel-wide one is below the min side
+    # the 0.5 region scores below the box threshold 0.6; the 3-pixel-wide one spans 2 between
+    # pixel centres, below the min side 3 (PaddleOCR's minAreaRect measure)
     np.testing.assert_allclose(boxes, [[5, 5, 30, 12]])
     np.testing.assert_allclose(scores, [0.9], rtol=1e-6)
-    boxes, _ = text_boxes(prob, box_threshold=0.4)
-    assert len(boxes) == 2
+    assert len(text_boxes(prob, box_threshold=0.4)[0]) == 2
+    assert len(text_boxes(prob, min_side=2)[0]) == 2
+
+
+def test_text_boxes_ignore_non_finite_pixels_outside_regions():
+    prob = _text_map(boxes=((2, 2, 8, 6, 0.9), (12, 2, 18, 6, 0.9)))
+    for bad in (np.nan, -np.inf):       # not text, left of and between the two regions
+        spoiled = prob.copy()
+        spoiled[3, [0, 10]] = bad
+        assert len(text_boxes(spoiled)[0]) == 2
 
 
 def test_textmap_f1_known_answers():
@@ -291,6 +300,8 @@ def test_textmap_errors():
         textmap_f1([{"y": np.zeros((1, 3, 4, 4))}], [{"y": np.zeros((1, 3, 4, 4))}])
     with pytest.raises(InputError, match="shape"):
         textmap_f1([{"y": np.zeros((1, 1, 4, 4))}], [{"y": np.zeros((1, 1, 4, 5))}])
+    with pytest.raises(InputError, match="shape"):
+        textmap_f1([{"y": np.zeros((1, 1, 0, 8))}], [{"y": np.zeros((1, 1, 0, 8))}])
     assert load_metric("textmap") is textmap_f1
 
 
