@@ -470,14 +470,15 @@ def time_shares(path: pathlib.Path, feed: dict[str, np.ndarray], threads: int, r
     return {k: v / total for k, v in shares.items()}
 
 
-def interleaved_speedup(before: pathlib.Path, after: pathlib.Path, feed: dict, threads: int) -> float:
-    """`before`'s median latency over `after`'s, timed interleaved (`compare_latency`), about 5 s."""
+def interleaved_timing(before: pathlib.Path, after: pathlib.Path, feed: dict, threads: int, seconds: float,
+                       runs: tuple[int, int]):
+    """`compare_latency` of the two models, interleaved, sized to about `seconds` of runs (at least
+    `runs[0]`, at most `runs[1]` per model) from a 10-run probe. Returns its `LatencyComparison`."""
     from onnx_lowrank.validate import compare_latency
 
     probe = compare_latency(str(before), str(after), feed, provider="cpu", warmup=5, repeats=10, threads=threads)
-    repeats = int(np.clip(5000 / (probe.before.median_ms + probe.after.median_ms), 30, 300))
-    return compare_latency(str(before), str(after), feed, provider="cpu", warmup=5, repeats=repeats,
-                           threads=threads).speedup
+    repeats = int(np.clip(1000 * seconds / (probe.before.median_ms + probe.after.median_ms), *runs))
+    return compare_latency(str(before), str(after), feed, provider="cpu", warmup=5, repeats=repeats, threads=threads)
 
 
 def fold_baseline(spec: Spec, workdir: pathlib.Path, feed: dict, threads: int) -> pathlib.Path | None:
@@ -496,7 +497,7 @@ def fold_baseline(spec: Spec, workdir: pathlib.Path, feed: dict, threads: int) -
         return None
     path = workdir / f"{spec.key}_folded.onnx"
     save_model(folded, path)
-    spec.baseline.update(fold_speedup=interleaved_speedup(spec.path, path, feed, threads),
+    spec.baseline.update(fold_speedup=interleaved_timing(spec.path, path, feed, threads, 5, (30, 300)).speedup,
                          folded_time_shares=time_shares(path, feed, threads))
     return path
 
@@ -510,17 +511,12 @@ def amdahl_bound(baseline: dict, target: float) -> float:
     return 1.0 / (1.0 - dense + dense * max(kept, 0.0))
 
 
-def retime(spec: Spec, out: pathlib.Path, row: dict, threads: int) -> dict:
+def retime(spec: Spec, out: pathlib.Path, threads: int) -> dict:
     """A second, longer interleaved timing (in this process) of a case measured slower than the
     original: about 15 s of runs, at least 50 and at most 400 per model."""
-    from onnx_lowrank.validate import compare_latency
-
     feed = {k: v[:1] for k, v in spec.child_eval.items()}
-    before_ms = ((row.get("validation") or {}).get("latency_ms") or {}).get("before", {}).get("median") or 10.0
-    repeats = int(np.clip(15000 / (2 * before_ms), 50, 400))
-    timing = compare_latency(str(spec.path), str(out), feed, provider="cpu", warmup=10, repeats=repeats,
-                             threads=threads)
-    return {"speedup": timing.speedup, "repeats": repeats, "before_ms": timing.before.median_ms,
+    timing = interleaved_timing(spec.path, out, feed, threads, 15, (50, 400))
+    return {"speedup": timing.speedup, "repeats": len(timing.before.samples), "before_ms": timing.before.median_ms,
             "after_ms": timing.after.median_ms}
 
 
@@ -572,9 +568,9 @@ def run_cases(spec: Spec, methods: list[str], targets: list[float], workdir: pat
             row.update(spec.score(reference, run_model(out, spec.eval_feeds, threads, spec.stack)))
             row["speedup"] = (row.get("validation") or {}).get("speedup")
             if folded_path is not None and settings.get("fold", True):
-                row["speedup_vs_folded"] = interleaved_speedup(folded_path, out, one, threads)
+                row["speedup_vs_folded"] = interleaved_timing(folded_path, out, one, threads, 5, (30, 300)).speedup
             if row["speedup"] is not None and row["speedup"] < 1.0:
-                row["retimed"] = retime(spec, out, row, threads)
+                row["retimed"] = retime(spec, out, threads)
             log(f"  {tag}: MACs {row['kept_macs']:.3f}, params {row['kept_params']:.3f}, "
                 + ", ".join(f"{m} {row[m]:.4f}" for m in spec.metrics)
                 + f", speed-up {row['speedup'] or float('nan'):.3f}, {row['seconds']:.1f} s, "
