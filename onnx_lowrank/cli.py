@@ -20,7 +20,9 @@ from onnx_lowrank import __version__, api
 from onnx_lowrank.config import METHOD_NAMES, load_config, parse_tiles
 from onnx_lowrank.errors import BoundError, InputError
 from onnx_lowrank.fold import FoldCounts
-from onnx_lowrank.report import compression_report, report_curves, write_report
+from onnx_lowrank.report import (
+    REUSED_CALIBRATION_NOTE, compression_report, report_curves, reused_calibration, write_report,
+)
 
 __all__ = ["main"]
 
@@ -246,10 +248,10 @@ def _print_compression(console: Console, report: dict) -> None:
     if any(folded.values()):
         console.print(f"folded exactly: {FoldCounts.from_report(folded).describe()} (--no-fold keeps them)")
     if report["validation"] is not None:
-        _print_validation_summary(console, report["validation"])
+        _print_validation_summary(console, report["validation"], reused_calibration(report["settings"]))
 
 
-def _print_validation_summary(console: Console, validation: dict) -> None:
+def _print_validation_summary(console: Console, validation: dict, reused: bool) -> None:
     parts = [f"provider {validation['provider']}, {validation['inputs']} inputs"]
     for output in validation["outputs"]:
         parts.append(f"{output['name']}: cosine {output['cosine']:.6f}, rel L2 {output['rel_l2']:.2e}")
@@ -260,6 +262,8 @@ def _print_validation_summary(console: Console, validation: dict) -> None:
         parts.append(f"latency median {latency['before']['median']:.3f} -> "
                      f"{latency['after']['median']:.3f} ms (x{validation['speedup']:.2f})")
     console.print("; ".join(parts))
+    if reused:
+        console.print(f"validation {REUSED_CALIBRATION_NOTE}")
 
 
 def _validate(args, console: Console) -> int:

@@ -296,16 +296,28 @@ def markdown_report(report: dict) -> str:
     if any(folded.values()):
         lines += ["", f"Folded exactly before factorizing: {FoldCounts.from_report(folded).describe()}."]
     lines += ["", "## Validation", ""]
-    lines += _validation_lines(report["validation"])
+    lines += _validation_lines(report["validation"], settings)
     lines += ["", "## Layers", ""]
     lines += _layer_lines(report["layers"])
     return "\n".join(lines) + "\n"
 
 
-def _validation_lines(validation: dict | None) -> list[str]:
+def reused_calibration(settings: Mapping) -> bool:
+    """Whether a report's validation ran on the calibration inputs its data-aware fit was made on
+    (``--calib`` without ``--eval``): numbers there are optimistic, held-out inputs are not."""
+    return bool(settings.get("calib")) and settings.get("data_aware", True) is not False and not settings.get("eval")
+
+
+#: What the CLI and report.md add when `reused_calibration` holds.
+REUSED_CALIBRATION_NOTE = ("measured on the calibration inputs the fit was made on, so optimistic; "
+                           "--eval validates on held-out inputs")
+
+
+def _validation_lines(validation: dict | None, settings: Mapping) -> list[str]:
     if validation is None:
         return ["Not validated."]
-    lines = [f"Provider `{validation['provider']}`, {validation['inputs']} inputs.", ""]
+    lines = [f"Provider `{validation['provider']}`, {validation['inputs']} inputs"
+             + (f" ({REUSED_CALIBRATION_NOTE})." if reused_calibration(settings) else "."), ""]
     if validation["outputs"]:
         lines += ["| output | cosine | rel L2 | max abs |", "|---|--:|--:|--:|"]
         for output in validation["outputs"]:

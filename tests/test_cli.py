@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from onnx_lowrank.cli import main
+from onnx_lowrank.report import reused_calibration
 
 DIGITS = "models/digits_cnn.onnx"
 
@@ -102,3 +103,23 @@ def test_validate_model_against_itself(capsys):
     assert report["outputs"][0]["rel_l2"] == 0.0
     assert report["top1_agreement"] == 1.0
     assert report["provider"] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("extra, warned", [((), True), (("--eval", "models/digits_test.npz"), False),
+                                           (("--no-data-aware",), False)])
+def test_compress_says_when_it_validated_on_its_own_calibration_inputs(tmp_path, capsys, extra, warned):
+    code, out, _ = run_cli(capsys, "compress", DIGITS, "-o", str(tmp_path / "out.onnx"), "--target-macs", "0.5",
+                           "--calib", "models/digits_train.npz", "--calib-count", "16", "--no-latency",
+                           "--report", str(tmp_path / "report"), *extra)
+    assert code == 0
+    flat = " ".join(out.split())
+    assert ("fit was made on, so optimistic" in flat) == warned
+    assert ("fit was made on, so optimistic" in (tmp_path / "report" / "report.md").read_text()) == warned
+
+
+def test_reused_calibration_reads_the_report_settings():
+    assert reused_calibration({"calib": "c.npz", "data_aware": True, "eval": None})
+    assert reused_calibration({"calib": "c.npz"})
+    assert not reused_calibration({"calib": "c.npz", "eval": "e.npz"})
+    assert not reused_calibration({"calib": "c.npz", "data_aware": False})
+    assert not reused_calibration({"calib": None})
