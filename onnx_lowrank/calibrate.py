@@ -238,34 +238,38 @@ def output_freedom(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -
     fewest numbers decides how noisy they are.
 
     A two-class softmax gives 1, so each perturbed sample says little about a gain; a text
-    recogniser's ``[T, C]`` logits give ``T·(C-1)``. None when a shape is unknown.
+    recogniser's ``[T, C]`` logits give ``T·(C-1)``. Outputs of unknown shape are passed over;
+    None when no output's shape is known. Float-ness is read from the declared graph outputs
+    (`output_gains` checks the dtype it gets; an undeclared type counts as float).
     """
     declared = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    fewest = None
+    counts = []
     for name, centred in measured_outputs(model).items():
-        if declared.get(name, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES:
-            continue                                  # `output_gains` compares float outputs only
         shape = shapes.get(name)
-        if shape == ():
-            continue                                  # a scalar: no samples to tell apart
-        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
-            return None
+        if declared.get(name, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES or not shape:
+            continue                                  # compared never (int), or a scalar
+        if any(not isinstance(d, int) or d <= 0 for d in shape):
+            continue
         per_sample = math.prod(shape[1:])
-        if centred:
-            axes = range(centred[0] % len(shape), len(shape)) if centred[-1] is None else (centred[0] % len(shape),)
-            if 0 not in axes:
-                per_sample -= per_sample // math.prod(shape[a] for a in axes)
-        fewest = per_sample if fewest is None else min(fewest, per_sample)
-    return fewest
+        axes = _centre_axes(centred, len(shape))
+        if axes and 0 not in axes:
+            per_sample -= per_sample // math.prod(shape[a] for a in axes)
+        counts.append(per_sample)
+    return min(counts) if counts else None
 
 
-def measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+#: The axes an output is centred over: ``(axis,)``, ``(axis, None)`` for "every axis from `axis`
+#: on" (opset < 13 softmax), or ``()``.
+Centring = tuple[int | None, ...]
+
+
+def measured_outputs(model: onnx.ModelProto) -> dict[str, Centring]:
     """The graph outputs, each taken before its producer if that is a squashing activation, with
     the axes to centre it over: a softmax ignores a shift along its axis (opset < 13: the axes
     from `axis` on), so that part of a logit error does not count."""
     producers = {output: node for node in model.graph.node for output in node.output}
     opset = onnx_opset(model, 13)
-    measured: dict[str, tuple[int, ...]] = {}
+    measured: dict[str, Centring] = {}
     for output in model.graph.output:
         node = producers.get(output.name)
         while node is not None and node.op_type == "Identity" and node.input:   # exporters' renaming
@@ -273,7 +277,7 @@ def measured_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
         if node is None or node.op_type not in SQUASHING or len(node.output) != 1:
             measured.setdefault(output.name, ())
             continue
-        centred: tuple[int, ...] = ()
+        centred: Centring = ()
         if node.op_type in ("Softmax", "LogSoftmax"):
             axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
             centred = (axis,) if opset >= 13 else (axis, None)
@@ -298,7 +302,7 @@ def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.rando
     return (y + scale * noise).astype(y.dtype), relative if energy > 0 else 0.0
 
 
-def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, tuple[int, ...]], provider: str,
+def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, Centring], provider: str,
                    budget: ActivationBudget) -> dict[str, list[np.ndarray]]:
     """The model's float outputs per batch (centred as `measured_outputs` says), running
     `suffix` (the nodes after a layer) on a copy of `state`."""
@@ -309,13 +313,19 @@ def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, tuple[i
             for name in outputs if name in state and np.issubdtype(state[name].dtype, np.floating)}
 
 
-def _centred(value: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """`value` minus its mean over `axes`; `(axis, None)` means every axis from `axis` on."""
-    if not axes:
-        return value
-    if axes[-1] is None:
-        axes = tuple(range(axes[0] % value.ndim, value.ndim))
-    return value - value.mean(axis=axes, keepdims=True)
+def _centre_axes(centring: Centring, ndim: int) -> tuple[int, ...]:
+    """The non-negative axes a `Centring` names for a rank-`ndim` value."""
+    if not centring:
+        return ()
+    if centring[-1] is None:
+        return tuple(range(centring[0] % ndim, ndim))
+    return tuple(axis % ndim for axis in centring)
+
+
+def _centred(value: np.ndarray, centring: Centring) -> np.ndarray:
+    """`value` minus its mean over the axes `centring` names (`_centre_axes`)."""
+    axes = _centre_axes(centring, value.ndim)
+    return value - value.mean(axis=axes, keepdims=True) if axes else value
 
 
 def _conv_pads(layer: Layer, x: np.ndarray) -> tuple[int, ...]:

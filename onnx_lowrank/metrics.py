@@ -33,6 +33,7 @@ __all__ = [
     "Metric",
     "classifier_top1",
     "ctc_agreement",
+    "ctc_greedy",
     "detection_f1",
     "load_metric",
     "textmap_f1",
@@ -286,7 +287,7 @@ def detection_f1(
     return 2 * tp / denominator if denominator else 1.0
 
 
-def _ctc_greedy(labels: np.ndarray, blank: int) -> tuple[int, ...]:
+def ctc_greedy(labels: np.ndarray, blank: int) -> tuple[int, ...]:
     """Collapse repeats, then drop blanks: ``[0, 3, 3, 0, 3, 5, 5] -> (3, 3, 5)``."""
     if not labels.size:
         return ()
@@ -333,7 +334,7 @@ def ctc_agreement(
         if time_major:
             a, b = a.transpose(1, 0, 2), b.transpose(1, 0, 2)
         for la, lb in zip(a.argmax(axis=2), b.argmax(axis=2), strict=True):
-            same += _ctc_greedy(la, blank) == _ctc_greedy(lb, blank)
+            same += ctc_greedy(la, blank) == ctc_greedy(lb, blank)
             total += 1
     return same / total if total else 1.0
 

@@ -395,12 +395,11 @@ class OutputGainsPass(Pass):
         if not measured <= shapes.keys():   # e.g. logits behind a Reshape that inference cannot follow
             shapes = infer_shapes(workspace.canonical, self.pinned, need=measured, seed=workspace.settings.seed)
         freedom = calibrate.output_freedom(workspace.canonical, shapes)
-        feeds = _first_samples(self.feeds, gain_samples(freedom))
+        feeds, samples = _first_samples(self.feeds, gain_samples(freedom))
         gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress)
         for name, gain in gains.items():
             workspace.decisions[name].output_gain = gain
         spread = f" (from {min(gains.values()):.3g} to {max(gains.values()):.3g})" if gains else ""
-        samples = sum(len(next(iter(feed.values()))) for feed in feeds)
         return PassResult(False, f"output gains of {len(gains)} layers{spread}, on {samples} samples")
 
 
@@ -408,23 +407,25 @@ def gain_samples(freedom: int | None) -> int:
     """Samples to perturb for output gains, given the outputs' independent numbers per sample.
 
     Each sample's output change is a draw whose squared size has about `freedom` degrees of
-    freedom, so a gain's relative spread is about ``sqrt(2 / (samples · freedom))``:
+    freedom, so a gain's relative spread is about ``sqrt(2 / (samples · freedom))``, at most
+    ``sqrt(2 / GAIN_FREEDOM)`` ≈ 18 % below the cap:
     ``samples = clip(ceil(GAIN_FREEDOM / freedom), GAIN_SAMPLES, MAX_GAIN_SAMPLES)``.
     """
     if not freedom:
         return GAIN_SAMPLES
-    return int(min(MAX_GAIN_SAMPLES, max(GAIN_SAMPLES, math.ceil(GAIN_FREEDOM / freedom))))
+    return min(MAX_GAIN_SAMPLES, max(GAIN_SAMPLES, math.ceil(GAIN_FREEDOM / freedom)))
 
 
-def _first_samples(feeds: Sequence[dict], samples: int) -> list[dict]:
-    """The leading feeds (whole batches) that hold at least `samples` samples on axis 0."""
+def _first_samples(feeds: Sequence[dict], samples: int) -> tuple[list[dict], int]:
+    """The leading feeds (whole batches) that hold at least `samples` samples on axis 0 (all of
+    them when they hold fewer), and how many samples they hold."""
     chosen, count = [], 0
     for feed in feeds:
         if count >= samples:
             break
         chosen.append(feed)
         count += len(next(iter(feed.values())))
-    return chosen
+    return chosen, count
 
 
 def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None,

@@ -43,8 +43,8 @@ from onnx_lowrank.files import atomic_write_bytes
 from onnx_lowrank.fold import FoldCounts
 
 __all__ = [
-    "STATUSES", "ReportCurves", "compression_report", "markdown_report", "pareto_plot", "report_curves",
-    "validate_report", "write_report",
+    "REUSED_CALIBRATION_NOTE", "STATUSES", "ReportCurves", "compression_report", "markdown_report", "pareto_plot",
+    "report_curves", "reused_calibration", "validate_report", "write_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ def markdown_report(report: dict) -> str:
 def reused_calibration(settings: Mapping) -> bool:
     """Whether a report's validation ran on the calibration inputs its data-aware fit was made on
     (``--calib`` without ``--eval``): numbers there are optimistic, held-out inputs are not."""
-    return bool(settings.get("calib")) and settings.get("data_aware", True) is not False and not settings.get("eval")
+    return bool(settings.get("calib")) and bool(settings.get("data_aware", True)) and not settings.get("eval")
 
 
 #: What the CLI and report.md add when `reused_calibration` holds.

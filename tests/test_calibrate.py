@@ -12,7 +12,7 @@ from onnx_lowrank import api, calibrate
 from onnx_lowrank.config import Settings
 from onnx_lowrank.factorize import data
 from onnx_lowrank.methods import plan
-from onnx_lowrank.passes import MAX_GAIN_SAMPLES, gain_samples
+from onnx_lowrank.passes import MAX_GAIN_SAMPLES, OutputGainsPass, gain_samples
 from onnx_lowrank.ranks import FixedRank
 
 
@@ -210,6 +210,22 @@ def test_output_freedom_counts_the_least_telling_float_output(rng):
     workspace = api.inspect(model)
     assert calibrate.output_freedom(workspace.canonical, workspace.shapes) == 1
     assert calibrate.output_freedom(workspace.canonical, {**workspace.shapes, "features": ()}) == 1
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_output_gains_pass_perturbs_64_samples_of_a_two_class_head(rng, known):
+    # Without the logits' shape (inference could not follow them) the pass infers it itself.
+    model = two_matmul_model(rng.standard_normal((32, 16)), rng.standard_normal((16, 2)),
+                             softmax=True, identity=True)
+    workspace = api.inspect(model)
+    if not known:
+        workspace.shapes = {k: v for k, v in workspace.shapes.items() if k != "y"}
+    feeds = [{"x": rng.standard_normal((16, 32)).astype(np.float32)} for _ in range(6)]
+    result = OutputGainsPass(feeds).run(workspace, lambda items, total, text: items)
+    assert result.summary.endswith("on 64 samples")
+    assert all(d.output_gain is not None for d in workspace.decisions.values() if d.reason is None)
+    few = OutputGainsPass(feeds[:2]).run(api.inspect(model), lambda items, total, text: items)
+    assert few.summary.endswith("on 32 samples")
 
 
 @pytest.mark.parametrize(("freedom", "samples"), [(None, 8), (0, 8), (1, 64), (3, 22), (10, 8), (10**6, 8)])

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from onnx_lowrank.cli import main
-from onnx_lowrank.report import reused_calibration
 
 DIGITS = "models/digits_cnn.onnx"
 
@@ -115,11 +114,3 @@ def test_compress_says_when_it_validated_on_its_own_calibration_inputs(tmp_path,
     flat = " ".join(out.split())
     assert ("fit was made on, so optimistic" in flat) == warned
     assert ("fit was made on, so optimistic" in (tmp_path / "report" / "report.md").read_text()) == warned
-
-
-def test_reused_calibration_reads_the_report_settings():
-    assert reused_calibration({"calib": "c.npz", "data_aware": True, "eval": None})
-    assert reused_calibration({"calib": "c.npz"})
-    assert not reused_calibration({"calib": "c.npz", "eval": "e.npz"})
-    assert not reused_calibration({"calib": "c.npz", "data_aware": False})
-    assert not reused_calibration({"calib": None})

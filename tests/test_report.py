@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from onnx_lowrank.report import ReportCurves, pareto_plot, validate_report, write_report
+from onnx_lowrank.report import ReportCurves, pareto_plot, reused_calibration, validate_report, write_report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -319,3 +319,11 @@ def test_real_report_end_to_end(tmp_path):
     for layer in report["layers"]:
         assert layer["name"] in text
     assert_png(tmp_path / "report" / "macs_per_layer.png")
+
+
+def test_reused_calibration_reads_the_report_settings():
+    assert reused_calibration({"calib": "c.npz", "data_aware": True, "eval": None})
+    assert reused_calibration({"calib": "c.npz"})
+    assert not reused_calibration({"calib": "c.npz", "eval": "e.npz"})
+    assert not reused_calibration({"calib": "c.npz", "data_aware": False})
+    assert not reused_calibration({"calib": None})

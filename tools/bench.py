@@ -470,15 +470,23 @@ def time_shares(path: pathlib.Path, feed: dict[str, np.ndarray], threads: int, r
     return {k: v / total for k, v in shares.items()}
 
 
-def interleaved_timing(before: pathlib.Path, after: pathlib.Path, feed: dict, threads: int, seconds: float,
-                       runs: tuple[int, int]):
+#: A quick interleaved timing (the fold baseline, the *vs folded* column): about this many seconds
+#: of runs, within these run counts per model, after this many warm-up runs ...
+QUICK_TIMING = dict(seconds=5, runs=(30, 300), warmup=5)
+#: ... and the longer re-timing of a case measured slower than the original.
+LONG_TIMING = dict(seconds=15, runs=(50, 400), warmup=10)
+
+
+def interleaved_timing(before: pathlib.Path, after: pathlib.Path, feed: dict, threads: int, *, seconds: float,
+                       runs: tuple[int, int], warmup: int):
     """`compare_latency` of the two models, interleaved, sized to about `seconds` of runs (at least
     `runs[0]`, at most `runs[1]` per model) from a 10-run probe. Returns its `LatencyComparison`."""
     from onnx_lowrank.validate import compare_latency
 
     probe = compare_latency(str(before), str(after), feed, provider="cpu", warmup=5, repeats=10, threads=threads)
     repeats = int(np.clip(1000 * seconds / (probe.before.median_ms + probe.after.median_ms), *runs))
-    return compare_latency(str(before), str(after), feed, provider="cpu", warmup=5, repeats=repeats, threads=threads)
+    return compare_latency(str(before), str(after), feed, provider="cpu", warmup=warmup, repeats=repeats,
+                           threads=threads)
 
 
 def fold_baseline(spec: Spec, workdir: pathlib.Path, feed: dict, threads: int) -> pathlib.Path | None:
@@ -497,7 +505,7 @@ def fold_baseline(spec: Spec, workdir: pathlib.Path, feed: dict, threads: int) -
         return None
     path = workdir / f"{spec.key}_folded.onnx"
     save_model(folded, path)
-    spec.baseline.update(fold_speedup=interleaved_timing(spec.path, path, feed, threads, 5, (30, 300)).speedup,
+    spec.baseline.update(fold_speedup=interleaved_timing(spec.path, path, feed, threads, **QUICK_TIMING).speedup,
                          folded_time_shares=time_shares(path, feed, threads))
     return path
 
@@ -511,11 +519,10 @@ def amdahl_bound(baseline: dict, target: float) -> float:
     return 1.0 / (1.0 - dense + dense * max(kept, 0.0))
 
 
-def retime(spec: Spec, out: pathlib.Path, threads: int) -> dict:
+def retime(spec: Spec, out: pathlib.Path, feed: dict, threads: int) -> dict:
     """A second, longer interleaved timing (in this process) of a case measured slower than the
-    original: about 15 s of runs, at least 50 and at most 400 per model."""
-    feed = {k: v[:1] for k, v in spec.child_eval.items()}
-    timing = interleaved_timing(spec.path, out, feed, threads, 15, (50, 400))
+    original (`LONG_TIMING`)."""
+    timing = interleaved_timing(spec.path, out, feed, threads, **LONG_TIMING)
     return {"speedup": timing.speedup, "repeats": len(timing.before.samples), "before_ms": timing.before.median_ms,
             "after_ms": timing.after.median_ms}
 
@@ -568,9 +575,9 @@ def run_cases(spec: Spec, methods: list[str], targets: list[float], workdir: pat
             row.update(spec.score(reference, run_model(out, spec.eval_feeds, threads, spec.stack)))
             row["speedup"] = (row.get("validation") or {}).get("speedup")
             if folded_path is not None and settings.get("fold", True):
-                row["speedup_vs_folded"] = interleaved_timing(folded_path, out, one, threads, 5, (30, 300)).speedup
+                row["speedup_vs_folded"] = interleaved_timing(folded_path, out, one, threads, **QUICK_TIMING).speedup
             if row["speedup"] is not None and row["speedup"] < 1.0:
-                row["retimed"] = retime(spec, out, threads)
+                row["retimed"] = retime(spec, out, one, threads)
             log(f"  {tag}: MACs {row['kept_macs']:.3f}, params {row['kept_params']:.3f}, "
                 + ", ".join(f"{m} {row[m]:.4f}" for m in spec.metrics)
                 + f", speed-up {row['speedup'] or float('nan'):.3f}, {row['seconds']:.1f} s, "

@@ -318,13 +318,13 @@ def _edit_distance(a: tuple, b: tuple) -> int:
 
 
 def score_ctc(ref: np.ndarray, out: np.ndarray) -> dict:
-    from onnx_lowrank.metrics import _ctc_greedy, ctc_agreement
+    from onnx_lowrank.metrics import ctc_greedy, ctc_agreement
 
     batches = range(0, len(ref), 32)
     agree = ctc_agreement([{"y": ref[i:i + 32]} for i in batches], [{"y": out[i:i + 32]} for i in batches],
                           output="y", blank=0)
     chars = [1.0 - _edit_distance(a, b) / max(len(a), len(b), 1)
-             for a, b in ((_ctc_greedy(r, 0), _ctc_greedy(o, 0)) for r, o in zip(ref.argmax(2), out.argmax(2)))]
+             for a, b in ((ctc_greedy(r, 0), ctc_greedy(o, 0)) for r, o in zip(ref.argmax(2), out.argmax(2)))]
     return {"strings": float(agree), "chars": float(np.mean(chars)), "cosine": float(_cos(ref, out).mean())}
 
 
