@@ -247,8 +247,15 @@ def _print_compression(console: Console, report: dict) -> None:
     folded = report.get("folded") or {}
     if any(folded.values()):
         console.print(f"folded exactly: {FoldCounts.from_report(folded).describe()} (--no-fold keeps them)")
+    settings = report["settings"]
     if report["validation"] is not None:
-        _print_validation_summary(console, report["validation"], reused_calibration(report["settings"]))
+        _print_validation_summary(console, report["validation"], reused_calibration(settings))
+    elif reused_calibration(settings) and any(settings.get(k) is not None for k in GUARD_KEYS):
+        console.print(f"guard bounds {REUSED_CALIBRATION_NOTE}")
+
+
+#: The settings that make `compress` roll layers back until their bounds hold (`GuardPass`).
+GUARD_KEYS = ("max_error", "min_cosine", "min_metric")
 
 
 def _print_validation_summary(console: Console, validation: dict, reused: bool) -> None:

@@ -310,7 +310,7 @@ def reused_calibration(settings: Mapping) -> bool:
 
 #: What the CLI and report.md add when `reused_calibration` holds.
 REUSED_CALIBRATION_NOTE = ("measured on the calibration inputs the fit was made on, so optimistic; "
-                           "--eval validates on held-out inputs")
+                           "--eval measures on held-out inputs")
 
 
 def _validation_lines(validation: dict | None, settings: Mapping) -> list[str]:

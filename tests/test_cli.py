@@ -114,3 +114,11 @@ def test_compress_says_when_it_validated_on_its_own_calibration_inputs(tmp_path,
     flat = " ".join(out.split())
     assert ("fit was made on, so optimistic" in flat) == warned
     assert ("fit was made on, so optimistic" in (tmp_path / "report" / "report.md").read_text()) == warned
+
+
+def test_guard_without_validation_says_its_bounds_were_checked_on_the_calibration_inputs(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "compress", DIGITS, "-o", str(tmp_path / "out.onnx"), "--target-macs", "0.5",
+                           "--calib", "models/digits_train.npz", "--calib-count", "16", "--min-cosine", "0.5",
+                           "--no-validate")
+    assert code == 0
+    assert "guard bounds measured on the calibration inputs" in " ".join(out.split())
