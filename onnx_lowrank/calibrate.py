@@ -40,6 +40,9 @@ SQUASHING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid", "Tanh"
 _FLOAT_TYPES = frozenset({0, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                           onnx.TensorProto.BFLOAT16})
 Visitor = Callable[[Layer, list[np.ndarray], list[np.ndarray]], Chain | None]
+#: The axes an output is centred over: ``(axis,)``, ``(axis, None)`` for "every axis from `axis`
+#: on" (opset < 13 softmax), or ``()``.
+Centring = tuple[int | None, ...]
 
 
 def _referenced(node: onnx.NodeProto) -> set[str]:
@@ -256,11 +259,6 @@ def output_freedom(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -
             per_sample -= per_sample // math.prod(shape[a] for a in axes)
         counts.append(per_sample)
     return min(counts) if counts else None
-
-
-#: The axes an output is centred over: ``(axis,)``, ``(axis, None)`` for "every axis from `axis`
-#: on" (opset < 13 softmax), or ``()``.
-Centring = tuple[int | None, ...]
 
 
 def measured_outputs(model: onnx.ModelProto) -> dict[str, Centring]:
