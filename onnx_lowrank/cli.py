@@ -213,7 +213,7 @@ def _compress(args, console: Console) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_compression(console, report)
+        _print_compression(console, report, settings.guarded)
     if args.require_speedup:
         speedup = (report["validation"] or {}).get("speedup")
         if speedup is None:
@@ -224,7 +224,7 @@ def _compress(args, console: Console) -> int:
     return 0
 
 
-def _print_compression(console: Console, report: dict) -> None:
+def _print_compression(console: Console, report: dict, guarded: bool) -> None:
     table = Table(title=f"{report['input']} -> {report['output']}", title_justify="left")
     timed = any(row.get("latency_ms_before") is not None for row in report["layers"])
     columns = ["layer", "method", "ranks", "MACs before", "MACs after", "weight err", "output err"]
@@ -250,12 +250,8 @@ def _print_compression(console: Console, report: dict) -> None:
     settings = report["settings"]
     if report["validation"] is not None:
         _print_validation_summary(console, report["validation"], reused_calibration(settings))
-    elif reused_calibration(settings) and any(settings.get(k) is not None for k in GUARD_KEYS):
+    elif guarded and reused_calibration(settings):
         console.print(f"guard bounds {REUSED_CALIBRATION_NOTE}")
-
-
-#: The settings that make `compress` roll layers back until their bounds hold (`GuardPass`).
-GUARD_KEYS = ("max_error", "min_cosine", "min_metric")
 
 
 def _print_validation_summary(console: Console, validation: dict, reused: bool) -> None:

@@ -287,8 +287,6 @@ class BudgetPass(Pass):
         the other options' latencies interpolated in MACs between them, and options not faster
         than the original by the judge's margin dropped. For a latency budget their cost becomes
         the milliseconds; other budgets keep their cost."""
-        from onnx_lowrank import latency
-
         def macs(option: ranks.Option) -> int:
             if self.measure != "params":  # `_options` costed it in MACs already
                 return option.cost
@@ -304,8 +302,7 @@ class BudgetPass(Pass):
             spread = np.linspace(0, len(group) - 1, min(LATENCY_PROBES, len(group)))
             probes = list(dict.fromkeys(round(i) for i in spread))
             chains = [methods.chain_template(layer, *group[i][1].payload, self.tiles) for i in probes]
-            timing = latency.profile_layer(layer, chains, provider=self.judge.provider, threads=self.judge.threads,
-                                           cache=self.judge.cache, timer=self.judge.timer)
+            timing = self.judge.profile(layer, chains)
             dense = timing.original.median_ms if dense is None else dense
             measured_macs = np.asarray([layer.macs] + [group[i][0] for i in probes])
             measured_ms = np.asarray([dense] + [stats.median_ms for stats in timing.chains])
@@ -315,8 +312,7 @@ class BudgetPass(Pass):
                 if ms < dense * (1 - self.judge.margin):
                     timed.append(ranks.Option(ms if in_ms else option.cost, option.error, option.payload))
         if dense is None and in_ms:  # no option to time: the layer's own latency still counts
-            dense = latency.profile_layer(layer, [], provider=self.judge.provider, threads=self.judge.threads,
-                                          cache=self.judge.cache, timer=self.judge.timer).original.median_ms
+            dense = self.judge.profile(layer, []).original.median_ms
         return ranks.LayerOptions(layer.name, dense if in_ms else options.dense_cost, timed)
 
     def _options(self, layer: Layer, measured: dict, gain: float = 1.0) -> ranks.LayerOptions:
@@ -487,14 +483,21 @@ class LatencyJudge:
         self.cache = cache
         self.timer = timer
 
+    def profile(self, layer: Layer, chains: Sequence[Chain], refresh: bool = False):
+        """`latency.profile_layer` of the layer and `chains` on this judge's provider, threads,
+        cache and timer."""
+        from onnx_lowrank import latency
+
+        return latency.profile_layer(layer, chains, provider=self.provider, threads=self.threads, cache=self.cache,
+                                     timer=self.timer, refresh=refresh)
+
     def __call__(self, decision: LayerDecision) -> None:
         from onnx_lowrank import latency
 
         if decision.status != "rewritten":
             return
         for refresh in (False, True):
-            timing = latency.profile_layer(decision.layer, [decision.chain], provider=self.provider,
-                                           threads=self.threads, cache=self.cache, timer=self.timer, refresh=refresh)
+            timing = self.profile(decision.layer, [decision.chain], refresh=refresh)
             faster = latency.faster_than_original(timing, self.margin)[0]
             if faster:
                 break
