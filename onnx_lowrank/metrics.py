@@ -215,6 +215,12 @@ def _match(gt, det, iou_threshold: float) -> int:
     return tp
 
 
+def _f1(tp: int, fp: int, fn: int) -> float:
+    """``2 TP / (2 TP + FP + FN)``; 1.0 when neither model found anything."""
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 1.0
+
+
 def detection_f1(
     original: Outputs,
     candidate: Outputs,
@@ -283,8 +289,7 @@ def detection_f1(
             tp += hits
             fp += len(det[0]) - hits
             fn += len(gt[0]) - hits
-    denominator = 2 * tp + fp + fn
-    return 2 * tp / denominator if denominator else 1.0
+    return _f1(tp, fp, fn)
 
 
 def ctc_greedy(labels: np.ndarray, blank: int) -> tuple[int, ...]:
@@ -452,8 +457,7 @@ def textmap_f1(
             tp += hits
             fp += len(boxes) - hits
             fn += len(gt_boxes) - hits
-    denominator = 2 * tp + fp + fn
-    return 2 * tp / denominator if denominator else 1.0
+    return _f1(tp, fp, fn)
 
 
 #: Metric names `load_metric` knows without an import.

@@ -660,8 +660,9 @@ def _fold_sentence(base: dict) -> str:
     if "fold_speedup" not in base:
         return " Nothing in it folds (`onnx_lowrank.fold`)."
     folded_base = {**base, "time_shares": base["folded_time_shares"]}
-    return (f" `compress` first folds {folds['output_affine'] + folds['input_affine']} per-channel affine nodes "
-            f"into convolutions and fuses {folds['hard_swish']} hard-swish chains (exact, `onnx_lowrank.fold`): "
+    from onnx_lowrank.fold import FoldCounts
+
+    return (f" `compress` first folds exactly ({FoldCounts.from_report(folds).describe()}; `onnx_lowrank.fold`): "
             f"that folded original is {base['fold_speedup']:.2f}x faster than the file, its dense layers take "
             f"{base['folded_time_shares']['dense']:.0%} of its time, and the bound for the chains on top of it "
             "(*vs folded*) at 0.7 / 0.5 / 0.3 is "
