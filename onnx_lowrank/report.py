@@ -569,18 +569,26 @@ def pareto_plot(rows: list[dict], x: str, y: str, path: str | os.PathLike,
 
 
 def compression_report(workspace, input_path: str, output_path: str) -> dict:
-    """The report contract of design.md for a finished compression workspace."""
+    """The report contract of design.md for a finished compression workspace.
+
+    Beyond the contract, ``validation.on_fit_inputs`` tells a pipeline reading the JSON what the
+    CLI and report.md say in words: the numbers were measured on the calibration inputs the
+    data-aware fit was made on (`reused_calibration`), so they are optimistic."""
     from onnx_lowrank import __version__
 
     before = workspace.totals_before
     after = workspace.totals_after or workspace.totals_before
+    settings = workspace.settings.to_dict()
+    validation = None
+    if workspace.validation is not None:
+        validation = {**workspace.validation.to_dict(), "on_fit_inputs": reused_calibration(settings)}
     return {"tool_version": __version__, "input": str(input_path), "output": str(output_path),
-            "settings": workspace.settings.to_dict(),
+            "settings": settings,
             "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
                        "params_before": before["params"], "params_after": after["params"]},
             "layers": [d.to_dict() for d in workspace.decisions.values()],
             "folded": dataclasses.asdict(workspace.folds),
-            "validation": workspace.validation.to_dict() if workspace.validation is not None else None}
+            "validation": validation}
 
 
 def report_curves(workspace, count: int = 6) -> ReportCurves:

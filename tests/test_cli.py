@@ -114,6 +114,7 @@ def test_compress_says_when_it_validated_on_its_own_calibration_inputs(tmp_path,
     flat = " ".join(out.split())
     assert ("fit was made on, so optimistic" in flat) == warned
     assert ("fit was made on, so optimistic" in (tmp_path / "report" / "report.md").read_text()) == warned
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["validation"]["on_fit_inputs"] == warned
 
 
 def test_guard_without_validation_says_its_bounds_were_checked_on_the_calibration_inputs(tmp_path, capsys):
