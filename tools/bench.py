@@ -510,11 +510,12 @@ def fold_baseline(spec: Spec, workdir: pathlib.Path, feed: dict, threads: int) -
     return path
 
 
-def amdahl_bound(baseline: dict, target: float) -> float:
+def amdahl_bound(baseline: dict, target: float, *, folded: bool = False) -> float:
     """The end-to-end speed-up if the dense layers' time fell exactly in proportion to their MACs
     and a MAC target `target` were spent on them alone: 1 / (1 - d + d·k), d = the dense share of
-    the time, k = the candidate MACs kept = 1 - (1 - target)·M / M_c."""
-    dense = baseline["time_shares"]["dense"]
+    the time (in the folded original when `folded`), k = the candidate MACs kept
+    = 1 - (1 - target)·M / M_c."""
+    dense = baseline["folded_time_shares" if folded else "time_shares"]["dense"]
     kept = 1.0 - (1.0 - target) * baseline["macs"] / max(baseline["candidate_macs"], 1)
     return 1.0 / (1.0 - dense + dense * max(kept, 0.0))
 
@@ -659,14 +660,13 @@ def _fold_sentence(base: dict) -> str:
     folds = base.get("folds") or {}
     if "fold_speedup" not in base:
         return " Nothing in it folds (`onnx_lowrank.fold`)."
-    folded_base = {**base, "time_shares": base["folded_time_shares"]}
     from onnx_lowrank.fold import FoldCounts
 
     return (f" `compress` first folds exactly ({FoldCounts.from_report(folds).describe()}; `onnx_lowrank.fold`): "
             f"that folded original is {base['fold_speedup']:.2f}x faster than the file, its dense layers take "
             f"{base['folded_time_shares']['dense']:.0%} of its time, and the bound for the chains on top of it "
             "(*vs folded*) at 0.7 / 0.5 / 0.3 is "
-            + " / ".join(f"{amdahl_bound(folded_base, t):.2f}x" for t in (0.7, 0.5, 0.3)) + ".")
+            + " / ".join(f"{amdahl_bound(base, t, folded=True):.2f}x" for t in (0.7, 0.5, 0.3)) + ".")
 
 
 def _identical(row: dict) -> bool:
@@ -779,7 +779,6 @@ def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -
                                      f"{' without folds' if r.get('group') == 'no-fold' else ''} {r['speedup']:.2f}"
                                      for r in group) + "). ")
             if "fold_speedup" in base:
-                folded_base = {**base, "time_shares": base["folded_time_shares"]}
                 lines[-1] += (f"Where it comes from: the exact folds alone make the original "
                               f"{base['fold_speedup']:.2f}x faster; the low-rank chains then make the folded model "
                               + ", ".join(f"{r['method']}{' LA' if r['latency_aware'] else ''} "
@@ -787,7 +786,7 @@ def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -
                                           if r.get("speedup_vs_folded") is not None)
                               + " faster (each measured interleaved against the folded original). In the folded "
                               f"model the dense layers take {base['folded_time_shares']['dense']:.0%} of the time, "
-                              f"so target 0.5 could give the chains at most {amdahl_bound(folded_base, 0.5):.2f}x. ")
+                              f"so target 0.5 could give the chains at most {amdahl_bound(base, 0.5, folded=True):.2f}x. ")
             lines[-1] += (f"In the original file the dense layers take {shares['dense']:.0%} of the kernel time "
                           f"(activations and other element-wise nodes {shares['other']:.0%}, depthwise convolutions "
                           f"{shares['depthwise']:.0%}): low-rank chains alone (`--no-fold` rows) could give at most "
