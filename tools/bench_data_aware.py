@@ -494,15 +494,17 @@ def decode_rec(charset: list[str], probs: np.ndarray) -> list[str]:
     return texts
 
 
-def _reusable(reuse: list[dict], row: dict) -> dict | None:
-    """A row of an earlier run (--reuse) with the same model, target, method, variant and settings.
+def _reusable(reuse: list[dict], row: dict, metrics: tuple[str, ...]) -> dict | None:
+    """A successful row of an earlier run (--reuse) with the same model, target, method, variant
+    and settings, scored on every one of `metrics` (rows of older benchmark versions lack some).
 
     Rows written before the settings were recorded in them match on the key alone when the
     current settings add nothing to the defaults of that earlier run (no extra settings)."""
     plain = not set(row["settings"]) - set(_BASE_KEYS) - set(VARIANTS[row["variant"]])
     for old in reuse:
         same = all(old.get(k) == row[k] for k in ("model", "target", "method", "variant"))
-        if same and old.get("settings", row["settings"]) == row["settings"] and ("settings" in old or plain):
+        scored = old.get("status") == "ok" and all(k in old for k in metrics)
+        if same and scored and old.get("settings", row["settings"]) == row["settings"] and ("settings" in old or plain):
             return {**old, "reused": True, "settings": row["settings"]}
     return None
 
@@ -541,7 +543,7 @@ def bench_case(case: Case, variants: list[str], workdir: pathlib.Path, threads: 
                                 input_shape=list(case.compress_shape), validate=False,
                                 **case.extra_settings, **VARIANTS[variant])
                 row["settings"] = {k: v for k, v in settings.items() if k != "calib"}
-                old = _reusable(reuse, row)
+                old = _reusable(reuse, row, case.metric_names)
                 if old is not None:
                     rows.append(old)
                     log(f"  {target:g} {method} {variant}: reused from the earlier run")

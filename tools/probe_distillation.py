@@ -14,10 +14,10 @@ descent, starting from the package's data-aware result.
 3. Train with Adam on `--calib-count` calibration lines (the same generator and seed, so the first
    64 are the lines of step 1), batches of 16, minimising the per-time-step KL divergence
    KL(p_original || p_compressed) of the output distributions over the 6625 labels. `--train
-   lowrank` trains only the factor convolutions/matmuls the rewrite introduced (their names
-   contain `/lowrank/`; the one factorized MatMul's factors are constants to onnx2torch and stay
-   fixed); `--train all` every convolution weight and bias, BatchNorm scale and shift, and MatMul
-   weight.
+   lowrank` trains only the factor convolutions the rewrite introduced (their names contain
+   `/lowrank/`; the one factorized MatMul's factors are constants to onnx2torch and stay fixed);
+   `--train all` every convolution weight and bias, BatchNorm scale and shift, and MatMul weight
+   (1-D constants such as the MatMuls' bias Adds and LayerNorm's scale and shift stay fixed).
 4. Every `--every` steps, score against the original on the benchmark's held-out 128 lines (other
    vocabulary, seed 12): exact strings, characters, reads right (against the rendered text) and
    output cosine; and exact strings on the first 64 calibration lines (fit on what it trains on).
@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     from onnx_lowrank.config import Settings
 
     torch.set_num_threads(args.threads)
-    calib, _ = bda.rec_set(bb.CALIB_WORDS, max(args.calib_count, 64), seed=11)
+    calib, calib_texts = bda.rec_set(bb.CALIB_WORDS, max(args.calib_count, 64), seed=11)
     held_out, texts = bda.rec_set(bb.EVAL_WORDS, 128, seed=12)
-    score = bda.score_ctc(texts, bda.rec_charset(MODEL))
+    charset = bda.rec_charset(MODEL)
+    score_held_out, score_fit = bda.score_ctc(texts, charset), bda.score_ctc(calib_texts[:64], charset)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         calib_path, compressed = pathlib.Path(tmp) / "calib.npz", pathlib.Path(tmp) / "rec.onnx"
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher_calib = bda.run_model(MODEL, {"x": calib}, args.threads)
     teacher_held_out = bda.run_model(MODEL, {"x": held_out}, args.threads)
     trained = [p for name, p in student.named_parameters() if args.train == "all" or "/lowrank/" in name]
+    for p in student.parameters():
+        p.requires_grad_(any(p is q for q in trained))
     if args.train == "all":          # onnx2torch keeps MatMul weights as constant buffers
         trained += [b.requires_grad_() for name, b in student.named_buffers()
                     if name.startswith("initializers.") and b.is_floating_point() and b.dim() >= 2]
@@ -117,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for i in range(0, len(x), BATCH)])
 
     def report(step: int, loss: float) -> None:
-        held = score(teacher_held_out, outputs(held_out))
-        fit = score(teacher_calib[:64], outputs(calib[:64]))
+        held = score_held_out(teacher_held_out, outputs(held_out))
+        fit = score_fit(teacher_calib[:64], outputs(calib[:64]))
         print(f"step {step:4d}  loss {loss:.4f}  held-out: strings {held['strings']:.3f} chars "
               f"{held['chars']:.3f} reads right {held['read']:.3f} cosine {held['cosine']:.4f}  "
               f"calibration: strings {fit['strings']:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
