@@ -247,14 +247,13 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
     folded = report.get("folded") or {}
     if any(folded.values()):
         console.print(f"folded exactly: {FoldCounts.from_report(folded).describe()} (--no-fold keeps them)")
-    settings = report["settings"]
     if report["validation"] is not None:
-        _print_validation_summary(console, report["validation"], reused_calibration(settings))
-    elif guarded and reused_calibration(settings):
+        _print_validation_summary(console, report["validation"])
+    elif guarded and reused_calibration(report["settings"]):
         console.print(f"guard bounds {REUSED_CALIBRATION_NOTE}")
 
 
-def _print_validation_summary(console: Console, validation: dict, reused: bool) -> None:
+def _print_validation_summary(console: Console, validation: dict) -> None:
     parts = [f"provider {validation['provider']}, {validation['inputs']} inputs"]
     for output in validation["outputs"]:
         parts.append(f"{output['name']}: cosine {output['cosine']:.6f}, rel L2 {output['rel_l2']:.2e}")
@@ -265,7 +264,7 @@ def _print_validation_summary(console: Console, validation: dict, reused: bool) 
         parts.append(f"latency median {latency['before']['median']:.3f} -> "
                      f"{latency['after']['median']:.3f} ms (x{validation['speedup']:.2f})")
     console.print("; ".join(parts))
-    if reused:
+    if validation.get("on_fit_inputs"):
         console.print(f"validation {REUSED_CALIBRATION_NOTE}")
 
 

@@ -296,7 +296,7 @@ def markdown_report(report: dict) -> str:
     if any(folded.values()):
         lines += ["", f"Folded exactly before factorizing: {FoldCounts.from_report(folded).describe()}."]
     lines += ["", "## Validation", ""]
-    lines += _validation_lines(report["validation"], settings)
+    lines += _validation_lines(report["validation"])
     lines += ["", "## Layers", ""]
     lines += _layer_lines(report["layers"])
     return "\n".join(lines) + "\n"
@@ -308,16 +308,16 @@ def reused_calibration(settings: Mapping) -> bool:
     return bool(settings.get("calib")) and bool(settings.get("data_aware", True)) and not settings.get("eval")
 
 
-#: What the CLI and report.md add when `reused_calibration` holds.
+#: What the CLI and report.md add when `reused_calibration` holds (``validation.on_fit_inputs``).
 REUSED_CALIBRATION_NOTE = ("measured on the calibration inputs the fit was made on, so optimistic; "
                            "--eval measures on held-out inputs")
 
 
-def _validation_lines(validation: dict | None, settings: Mapping) -> list[str]:
+def _validation_lines(validation: dict | None) -> list[str]:
     if validation is None:
         return ["Not validated."]
     lines = [f"Provider `{validation['provider']}`, {validation['inputs']} inputs"
-             + (f" ({REUSED_CALIBRATION_NOTE})." if reused_calibration(settings) else "."), ""]
+             + (f" ({REUSED_CALIBRATION_NOTE})." if validation.get("on_fit_inputs") else "."), ""]
     if validation["outputs"]:
         lines += ["| output | cosine | rel L2 | max abs |", "|---|--:|--:|--:|"]
         for output in validation["outputs"]:
