@@ -414,6 +414,11 @@ def text_boxes(prob: np.ndarray, *, threshold: float = TEXT_THRESHOLD, box_thres
     return boxes[kept], score[kept]
 
 
+def _probability_map(a: np.ndarray) -> bool:
+    """Whether `a` has a probability map's shape, ``[N, 1, H, W]`` or ``[N, H, W]``."""
+    return a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1)
+
+
 def textmap_f1(
     original: Outputs,
     candidate: Outputs,
@@ -437,13 +442,13 @@ def textmap_f1(
         InputError: no output of those shapes, or shapes that differ.
     """
     name = _pick_output(
-        original, candidate, lambda a: a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1),
+        original, candidate, _probability_map,
         "text-map F1 (a probability map [N, 1, H, W])", output,
     )
     tp = fp = fn = 0
     for a_batch, b_batch in zip(original, candidate, strict=True):
         a, b = np.asarray(a_batch[name]), np.asarray(b_batch[name])
-        if a.shape != b.shape or not (a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1)) or 0 in a.shape[-2:]:
+        if a.shape != b.shape or not _probability_map(a) or 0 in a.shape[-2:]:
             raise InputError(
                 f"text-map F1: output '{name}' has shape {a.shape} in the original and "
                 f"{b.shape} in the candidate; expected the same [N, 1, H, W] or [N, H, W]"

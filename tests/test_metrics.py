@@ -200,9 +200,6 @@ def test_ctc_errors():
         ctc_agreement([{"o": np.zeros((1, 3, 3))}], [])
 
 
-# ------------------------------------------------------------------ load_metric
-
-
 # ------------------------------------------------------------------ text map (DBNet)
 
 
@@ -303,6 +300,9 @@ def test_textmap_errors():
     with pytest.raises(InputError, match="shape"):
         textmap_f1([{"y": np.zeros((1, 1, 0, 8))}], [{"y": np.zeros((1, 1, 0, 8))}])
     assert load_metric("textmap") is textmap_f1
+
+
+# ------------------------------------------------------------------ load_metric
 
 
 def test_load_metric_builtin_and_import(tmp_path):
