@@ -326,9 +326,10 @@ def score_ctc(truth: list[str], charset: list[str]):
         batches = range(0, len(ref), 32)
         agree = ctc_agreement([{"y": ref[i:i + 32]} for i in batches], [{"y": out[i:i + 32]} for i in batches],
                               output="y", blank=0)
-        chars = [1.0 - _edit_distance(a, b) / max(len(a), len(b), 1)
-                 for a, b in ((ctc_greedy(r, 0), ctc_greedy(o, 0)) for r, o in zip(ref.argmax(2), out.argmax(2)))]
-        read = np.mean([d.strip() == t for d, t in zip(decode_rec(charset, out), truth)])
+        ref_labels = [ctc_greedy(r, 0) for r in ref.argmax(2)]
+        out_labels = [ctc_greedy(o, 0) for o in out.argmax(2)]
+        chars = [1.0 - _edit_distance(a, b) / max(len(a), len(b), 1) for a, b in zip(ref_labels, out_labels)]
+        read = np.mean([rec_text(charset, labels).strip() == t for labels, t in zip(out_labels, truth)])
         return {"strings": float(agree), "chars": float(np.mean(chars)), "read": float(read),
                 "cosine": float(_cos(ref, out).mean())}
     return score
@@ -485,13 +486,16 @@ def rec_charset(path: pathlib.Path) -> list[str]:
     return ["<blank>", *meta["character"].splitlines(), " "]
 
 
+def rec_text(charset: list[str], labels: tuple[int, ...]) -> str:
+    """The text of a decoded label sequence (labels past the charset dropped)."""
+    return "".join(charset[i] for i in labels if i < len(charset))
+
+
 def decode_rec(charset: list[str], probs: np.ndarray) -> list[str]:
-    """Greedy CTC decode to text."""
-    texts = []
-    for row in probs.argmax(2):
-        keep = np.concatenate([[True], row[1:] != row[:-1]])
-        texts.append("".join(charset[i] for i in row[keep] if i != 0 and i < len(charset)))
-    return texts
+    """Greedy CTC decode (`onnx_lowrank.metrics.ctc_greedy`, blank 0) to text."""
+    from onnx_lowrank.metrics import ctc_greedy
+
+    return [rec_text(charset, ctc_greedy(row, 0)) for row in probs.argmax(2)]
 
 
 def _reusable(reuse: list[dict], row: dict, metrics: tuple[str, ...]) -> dict | None:
@@ -568,8 +572,8 @@ def bench_case(case: Case, variants: list[str], workdir: pathlib.Path, threads: 
 # Output
 
 
-HEADERS = {"accuracy": "accuracy (labels)", "read": "reads right", "agree": "top-1 agree", "agree_confident": "top-1 agree, confident originals",
-           "strings": "exact strings", "chars": "characters", "iou": "text-map IoU (min)",
+HEADERS = {"accuracy": "accuracy (labels)", "read": "reads right", "agree": "top-1 agree",
+           "agree_confident": "top-1 agree, confident originals", "strings": "exact strings", "chars": "characters", "iou": "text-map IoU (min)",
            "iou_pooled": "pooled IoU", "boxes": "text-box F1", "cosine": "output cosine"}
 
 

@@ -43,9 +43,6 @@ sys.path.insert(0, str(REPO / "tools"))
 import bench_budget as bb  # noqa: E402
 import bench_data_aware as bda  # noqa: E402
 
-MODEL = bda.MODEL_CACHE / "ppocrv4-rec.onnx"
-BATCH = 16
-
 
 def to_torch(path: pathlib.Path, batch_shape: tuple[int, ...]):
     """The ONNX model as a torch module (onnx2torch), shapes inferred at a fixed input shape.
@@ -89,25 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     from onnx_lowrank.config import Settings
 
     torch.set_num_threads(args.threads)
-    calib, calib_texts = bda.rec_set(bb.CALIB_WORDS, max(args.calib_count, 64), seed=11)
-    held_out, texts = bda.rec_set(bb.EVAL_WORDS, 128, seed=12)
-    charset = bda.rec_charset(MODEL)
-    score_held_out, score_fit = bda.score_ctc(texts, charset), bda.score_ctc(calib_texts[:64], charset)
+    case = bda.build_case("ppocrv4-rec", {}, quick=False)      # the benchmark's model, lines and scores
+    held_out = case.eval_x
+    # The benchmark's calibration generator and seed, drawn further: its first lines are case.calib.
+    calib, calib_texts = bda.rec_set(bb.CALIB_WORDS, max(args.calib_count, case.calib_count), seed=11)
+    assert np.array_equal(calib[:case.calib_count], case.calib)
+    score_fit = bda.score_ctc(calib_texts[:case.calib_count], bda.rec_charset(case.path))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         calib_path, compressed = pathlib.Path(tmp) / "calib.npz", pathlib.Path(tmp) / "rec.onnx"
-        np.savez(calib_path, x=calib[:64])
-        api.compress(MODEL, compressed, Settings(method="auto", target_macs=args.target, calib=str(calib_path),
-                                                 calib_count=64, batch_size=BATCH, validate=False,
-                                                 input_shape=(f"x:{BATCH}x3x48x320",)))
-        student = to_torch(compressed, (BATCH, 3, 48, 320)).eval()
+        np.savez(calib_path, **case.arrays(case.calib))
+        api.compress(case.path, compressed, Settings(method="auto", target_macs=args.target, calib=str(calib_path),
+                                                     calib_count=case.calib_count, batch_size=case.batch,
+                                                     validate=False, input_shape=case.compress_shape))
+        student = to_torch(compressed, (case.batch, *held_out.shape[1:])).eval()
     print(f"compressed to {args.target:g} of the MACs in {time.perf_counter() - start:.0f} s", flush=True)
 
-    teacher_calib = bda.run_model(MODEL, {"x": calib}, args.threads)
-    teacher_held_out = bda.run_model(MODEL, {"x": held_out}, args.threads)
+    teacher_calib = bda.run_model(case.path, case.arrays(calib), args.threads)
+    teacher_held_out = bda.run_model(case.path, case.arrays(held_out), args.threads)
     trained = [p for name, p in student.named_parameters() if args.train == "all" or "/lowrank/" in name]
     for p in student.parameters():
-        p.requires_grad_(any(p is q for q in trained))
+        p.requires_grad_(any(p is q for q in trained))          # frozen ones need no gradient
     if args.train == "all":          # onnx2torch keeps MatMul weights as constant buffers
         trained += [b.requires_grad_() for name, b in student.named_buffers()
                     if name.startswith("initializers.") and b.is_floating_point() and b.dim() >= 2]
@@ -116,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def outputs(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return np.concatenate([student(torch.from_numpy(x[i:i + BATCH])).numpy()
-                                   for i in range(0, len(x), BATCH)])
+            return np.concatenate([student(torch.from_numpy(x[i:i + case.batch])).numpy()
+                                   for i in range(0, len(x), case.batch)])
 
     def report(step: int, loss: float) -> None:
-        held = score_held_out(teacher_held_out, outputs(held_out))
-        fit = score_fit(teacher_calib[:64], outputs(calib[:64]))
+        held = case.score(teacher_held_out, outputs(held_out))
+        fit = score_fit(teacher_calib[:case.calib_count], outputs(calib[:case.calib_count]))
         print(f"step {step:4d}  loss {loss:.4f}  held-out: strings {held['strings']:.3f} chars "
               f"{held['chars']:.3f} reads right {held['read']:.3f} cosine {held['cosine']:.4f}  "
               f"calibration: strings {fit['strings']:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     target = torch.from_numpy(teacher_calib[:args.calib_count])
     rng = np.random.default_rng(args.seed)
     for step in range(1, args.steps + 1):
-        idx = rng.choice(args.calib_count, BATCH, replace=False)
+        idx = rng.choice(args.calib_count, case.batch, replace=False)
         p_teacher, p_student = target[idx], student(torch.from_numpy(calib[idx]))
         loss = (p_teacher * (torch.log(p_teacher + 1e-8) - torch.log(p_student + 1e-8))).sum(-1).mean()
         optimizer.zero_grad()
