@@ -1,73 +1,159 @@
-"""The Python API behind the command line: `inspect`, `compress` and `validate`."""
+"""The Python API behind the command line: `inspect`, `compress` and `project`.
+
+`compress` runs a `Pipeline` of passes (the default one for its `Settings`, or one the caller
+built: `default_pipeline(settings).insert_after("fold", MyPass())`) over a `Workspace` and
+returns a frozen `CompressionResult`: the model, the per-layer decisions, the totals, the
+validation and the timings of the passes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
+import numpy as np
 import onnx
 
-from onnx_lowrank import inputs
 from onnx_lowrank.config import Settings
-from onnx_lowrank.errors import InputError
+from onnx_lowrank.errors import BoundError, InputError
+from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.model import load_model, save_model
-from onnx_lowrank.passes import (
-    CanonicalizePass, FindLayersPass, PassManager, Tracker, Workspace, compress_pipeline,
-    plain_tracker,
-)
+from onnx_lowrank.passes import PassTiming, Pipeline, Tracker, Workspace, default_pipeline, plain_tracker
+from onnx_lowrank.passes.pipeline import inspect_pipeline
+from onnx_lowrank.report import compression_report, report_curves, write_report
 
-__all__ = ["compress", "inspect"]
+__all__ = ["CompressionResult", "InspectResult", "LayerResult", "compress", "inspect", "project"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    """What happened to one layer (the report contract's per-layer object, `to_dict()`)."""
+
+    name: str
+    op: str
+    method: str | None
+    ranks: tuple[int, ...] | None
+    status: str
+    reason: str | None
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    weight_rel_error: float | None = None
+    output_rel_error: float | None = None
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    output_gain: float | None = None
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["ranks"] = list(self.ranks) if self.ranks else None
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionResult:
+    """The outcome of `compress`.
+
+    Attributes:
+        model: the compressed model (also saved at `output` when one was given).
+        settings: the settings it was made with.
+        layers: one `LayerResult` per Conv/ConvTranspose/Gemm/MatMul layer, in graph order.
+        totals_before / totals_after: `{"macs", "params"}` of the whole model before and after
+            (after: counted from the written model itself).
+        folds: the exact folds done before factorizing.
+        validation: the comparison with the original (`validate.ValidationResult`), or None.
+        timings: each pass's name, seconds and result, in order.
+        curves: the spectra and error curves of the largest factorized layers, those the ranks
+            were chosen from (`report.report_curves`), when a report was asked for; else None.
+    """
+
+    model: onnx.ModelProto
+    settings: Settings
+    layers: tuple[LayerResult, ...]
+    totals_before: dict
+    totals_after: dict
+    folds: FoldCounts
+    validation: object | None
+    timings: tuple[PassTiming, ...]
+    curves: object | None = None
+
+    @property
+    def rewritten(self) -> tuple[LayerResult, ...]:
+        """The layers replaced by chains."""
+        return tuple(layer for layer in self.layers if layer.status == "rewritten")
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectResult:
+    """The outcome of `inspect`: every layer (`graph.Layer`) and the model's totals."""
+
+    layers: tuple
+    totals: dict
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
-def inspect(model: onnx.ModelProto | str | os.PathLike, input_shapes: list[str] | None = None
-            ) -> Workspace:
-    """List a model's layers with shapes, MACs, parameters and candidate/skip reason.
-
-    Returns the workspace after canonicalization and layer discovery: `.layers` and
-    `.totals_before` hold the answer.
-    """
+def inspect(model: onnx.ModelProto | str | os.PathLike, input_shapes: list[str] | None = None) -> InspectResult:
+    """List a model's layers with shapes, MACs, parameters and candidate/skip reason."""
     loaded = _as_model(model)
-    settings = Settings(input_shape=tuple(input_shapes or ()))
-    workspace = Workspace(original=loaded, model=loaded, settings=settings)
-    pinned = inputs.parse_input_shapes(settings.input_shape)
-    PassManager([CanonicalizePass(), FindLayersPass(pinned)]).run(workspace)
-    return workspace
+    workspace = Workspace(original=loaded, model=loaded, settings=Settings(input_shape=tuple(input_shapes or ())))
+    inspect_pipeline().run(workspace)
+    return InspectResult(tuple(workspace.layers), dict(workspace.totals_before))
 
 
 def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLike | None = None,
-             settings: Settings | None = None, tracker: Tracker = plain_tracker) -> Workspace:
+             settings: Settings | None = None, passes: Pipeline | None = None,
+             tracker: Tracker = plain_tracker) -> CompressionResult:
     """Factorize the model's layers per `settings`, rewrite them into chains, count, validate.
 
-    When `output` is given the compressed model is saved there atomically; the input file is
-    never written. Returns the workspace: `.model`, `.decisions`, `.totals_before/after` and
-    `.validation`.
+    `passes`: the pipeline to run (default: `default_pipeline(settings)`). When `output` is
+    given the compressed model is saved there atomically; the input file is never written.
+    With `settings.report` the report (JSON, Markdown, plots) is written to that folder; with
+    `settings.require_speedup` a model not measured faster end to end raises `BoundError`.
     """
     settings = settings or Settings()
     if output is not None:
         _check_output(model, pathlib.Path(output))
     loaded = _as_model(model)
-    pinned = inputs.parse_input_shapes(settings.input_shape)
-    checking = settings.validate or settings.guarded
-    fitting = settings.calib is not None and settings.data_aware
-    calib_feeds = _feeds(loaded, settings, pinned, settings.calib) if fitting or (
-        checking and settings.calib and settings.eval is None) else None
-    if not checking:
-        feeds = None
-    elif settings.eval is not None:
-        feeds = _feeds(loaded, settings, pinned, settings.eval)
-    else:
-        feeds = calib_feeds or _feeds(loaded, settings, pinned, None)
+    pipeline = passes if passes is not None else default_pipeline(settings)
     workspace = Workspace(original=loaded, model=loaded, settings=settings)
-    manager = PassManager(compress_pipeline(settings, pinned, feeds, calib_feeds), tracker)
-    manager.run(workspace)
-    workspace.timings = manager.timings
+    timings = pipeline.run(workspace, tracker)
+    result = CompressionResult(
+        model=workspace.model, settings=settings,
+        layers=tuple(LayerResult(**_layer_fields(d.to_dict())) for d in workspace.decisions.values()),
+        totals_before=dict(workspace.totals_before), totals_after=dict(workspace.totals_after),
+        folds=workspace.folds, validation=workspace.validation, timings=tuple(timings),
+        curves=report_curves(workspace) if settings.report is not None else None)
     if output is not None:
-        save_model(workspace.model, output)
-    return workspace
+        save_model(result.model, output)
+    if settings.report is not None:
+        write_report(compression_report(result, _name(model), _name(output)), settings.report, result.curves)
+    if settings.require_speedup:
+        _check_speedup(result)
+    return result
+
+
+def _layer_fields(values: dict) -> dict:
+    values["ranks"] = tuple(values["ranks"]) if values["ranks"] else None
+    return values
+
+
+def _name(path) -> str:
+    return "<in memory>" if path is None or isinstance(path, onnx.ModelProto) else str(path)
+
+
+def _check_speedup(result: CompressionResult) -> None:
+    speedup = getattr(result.validation, "speedup", None)
+    if speedup is None:
+        raise BoundError("--require-speedup: no end-to-end latency was measured (drop --no-latency/--no-validate)",
+                         result)
+    if speedup <= 1.0:
+        raise BoundError(f"--require-speedup: the compressed model is not faster end to end "
+                         f"(x{speedup:.2f} on {result.validation.provider})", result)
 
 
 def _check_output(model, output: pathlib.Path) -> None:
@@ -78,12 +164,21 @@ def _check_output(model, output: pathlib.Path) -> None:
         raise InputError(f"{output}: the output folder {folder} does not exist")
 
 
-def _feeds(model: onnx.ModelProto, settings: Settings, pinned, path: str | None) -> list[dict]:
-    """Inputs from an .npz or image folder at `path`, else random inputs with the settings' seed."""
-    specs = inputs.input_specs(model)
-    if path is not None:
-        return inputs.load_calibration(path, specs, shapes=pinned, count=settings.calib_count,
-                                       batch_size=settings.batch_size,
-                                       image_options=settings.image_options())
-    shapes = inputs.resolve_shapes(specs, pinned)
-    return inputs.random_feeds(specs, shapes, count=settings.calib_count, seed=settings.seed)
+def project(weight: np.ndarray, method: str, rank: int | tuple[int, int], groups: int = 1,
+            tiles: tuple[int, int] = (2, 2), seed: int = 0) -> np.ndarray:
+    """`W -> Ŵ`, the reconstruction of `method`'s rank-`rank` factorization, same shape and dtype.
+
+    The weight-distortion step of low-rank-aware training (Lee et al., DeepTwist): a training
+    loop in any framework calls it on its weights every few steps. A 2-D weight is a matrix
+    (truncated SVD, `Ŵ = U_r Σ_r V_rᵀ`, whatever the method); a conv kernel `[T, S/g, k..]` takes
+    any method (`Method.project`): "tucker2" takes an int for both modes or `(Rt, Rs)`,
+    "tiled-svd" its `tiles`, CP its `seed`.
+    """
+    from onnx_lowrank.factorize import truncated_svd
+    from onnx_lowrank.methods import MethodSet
+
+    weight = np.asarray(weight)
+    if weight.ndim == 2:
+        return truncated_svd(weight, int(rank)).to_tensor().astype(weight.dtype)
+    chosen = MethodSet(Settings(method=method, tiles=tuple(tiles), seed=seed))[method]
+    return chosen.project(weight, rank, groups).astype(weight.dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -27,11 +28,16 @@ from onnx_lowrank.graph import Layer, onnx_opset
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 
-__all__ = ["layer_vectors", "measured_outputs", "output_freedom", "output_gains", "vector_count", "walk_layers"]
+__all__ = ["layer_moments", "layer_vectors", "measured_outputs", "output_freedom", "output_gains", "vector_count",
+           "walk_layers"]
 
 log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
+#: Input vectors turned into moments at a time: bounds the im2col buffer (rows x D floats).
+MOMENT_ROWS = 8192
+#: Input vectors a layer's moments are estimated from, at most (about): a random subset past it.
+MOMENT_SAMPLE_ROWS = 65536
 #: Bytes of calibration activations a walk keeps in memory; the rest wait on disk.
 ACTIVATION_MEMORY = 512 << 20
 #: Final activations whose input, not output, `output_gains` compares.
@@ -376,3 +382,31 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
     step = max_rows or len(rows)
     for begin in range(0, len(rows), step):
         yield rows[None, begin:begin + step]
+
+
+def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None,
+                  rows: int = MOMENT_SAMPLE_ROWS):
+    """Second moments of the layer's input vectors over all batches (paired with `xts` if given).
+
+    A layer that sees more than about `rows` vectors in the whole calibration set (a conv at high
+    resolution: one per output position and image) uses a uniform random subset of them, the
+    same positions in `xs` and `xts`, seeded by the layer's name: neighbouring patches are
+    strongly correlated, so the subset estimates the moments as well at a fraction of the cost.
+    """
+    from onnx_lowrank.factorize import data
+
+    moments = data.Moments()
+    rng = np.random.default_rng(zlib.crc32(layer.name.encode()))
+    keep = None
+    for index, x in enumerate(xs):
+        if keep is None:
+            keep = min(1.0, rows / (vector_count(layer, x) * len(xs)))
+        originals = layer_vectors(layer, x, MOMENT_ROWS)
+        if xts is None:
+            chunks = ((p, None) for p in originals)
+        else:
+            chunks = zip(originals, layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True)
+        for p, pt in chunks:
+            chosen = rng.random(p.shape[1]) < keep if keep < 1.0 else slice(None)
+            moments.add(p[:, chosen], None if pt is None else pt[:, chosen])
+    return moments

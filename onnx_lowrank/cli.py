@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the result failed a bound the user asked for; 2 bad inp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -17,12 +18,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from onnx_lowrank import __version__, api
-from onnx_lowrank.config import METHOD_NAMES, load_config, parse_tiles
-from onnx_lowrank.errors import BoundError, InputError
+from onnx_lowrank.config import Settings, load_config, parse_tiles
+from onnx_lowrank.errors import BoundError, InputError, InternalError
 from onnx_lowrank.fold import FoldCounts
-from onnx_lowrank.report import (
-    REUSED_CALIBRATION_NOTE, compression_report, report_curves, reused_calibration, write_report,
-)
+from onnx_lowrank.methods import method_names
+from onnx_lowrank.passes import default_pipeline
+from onnx_lowrank.report import REUSED_CALIBRATION_NOTE, compression_report, reused_calibration
 
 __all__ = ["main"]
 
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser("compress", help="factorize layers and rewrite them into chains")
     compress.add_argument("model")
-    compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
-    compress.add_argument("--method", choices=(*METHOD_NAMES, "auto"),
+    compress.add_argument("-o", "--output", help="where to write the compressed model (required)")
+    compress.add_argument("--method", choices=(*method_names(), "auto"),
                           help="factorization (default tucker2); auto picks per layer for a budget")
     ranks = compress.add_mutually_exclusive_group()
     ranks.add_argument("--rank", type=int, help="keep N components per mode (capped at full rank)")
@@ -65,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep this fraction of the compressible layers' latency measured on --provider")
     compress.add_argument("--rank-multiple", type=int,
                           help="automatic ranks are multiples of N (default 16: onnxruntime's CPU conv block)")
-    compress.add_argument("--jobs", type=int, help="factorize layers in N processes")
+    compress.add_argument("--jobs", type=int,
+                          help="factorize layers in N processes (weight-only and --no-sequential fits; a "
+                               "sequential fit needs each layer's chain before the next layer's statistics)")
     compress.add_argument("--latency-aware", action="store_true", default=None,
                           help="keep a chain only where it is measured faster than its layer on --provider")
     compress.add_argument("--latency-margin", type=float,
                           help="how much faster (relative) a chain must be to count (default 0.05)")
-    compress.add_argument("--require-speedup", action="store_true",
+    compress.add_argument("--require-speedup", action="store_true", default=None,
                           help="exit 1 when the compressed model is not measured faster end to end")
     compress.add_argument("--tiles", type=parse_tiles, help="tile grid AxB for tiled-svd (default 2x2)")
     compress.add_argument("--keep-structure", action="store_true", default=None,
@@ -107,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--json", action="store_true", help="print the report JSON instead of tables")
     compress.add_argument("--report", metavar="DIR",
                           help="write report.json, report.md and PNG plots into DIR")
+    compress.add_argument("--print-pipeline", action="store_true",
+                          help="print the passes these settings run (what each needs and provides) and exit")
 
     validate = commands.add_parser("validate", help="compare a candidate model with the original")
     validate.add_argument("original")
@@ -157,6 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BoundError as exc:
         errors.print(f"onnx-lowrank: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
+    except InternalError as exc:
+        if debug:
+            raise
+        errors.print(f"onnx-lowrank: internal error: {exc} (rerun with --debug for the traceback)", markup=False,
+                     highlight=False, soft_wrap=True)
+        return 3
     except KeyboardInterrupt:
         errors.print("onnx-lowrank: interrupted", markup=False)
         return 130
@@ -171,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _inspect(args, console: Console) -> int:
-    workspace = api.inspect(args.model, args.input_shape)
-    layers, totals = workspace.layers, workspace.totals_before
+    found = api.inspect(args.model, args.input_shape)
+    layers, totals = found.layers, found.totals
     if args.json:
         print(json.dumps({"layers": [layer.to_dict() for layer in layers],
                           "totals": {"macs": totals["macs"], "params": totals["params"]}}, indent=2))
@@ -194,34 +205,40 @@ def _inspect(args, console: Console) -> int:
     return 0
 
 
+def _settings(args) -> Settings:
+    """The settings of a `compress` command line: the --config file, then every flag given,
+    one flag per `Settings` field (same name, dashes for underscores)."""
+    overrides = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(Settings)}
+    return load_config(args.config, overrides)
+
+
 def _compress(args, console: Console) -> int:
-    overrides = {key: getattr(args, key, None) for key in (
-        "method", "rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params", "target_latency",
-        "rank_multiple", "jobs", "latency_aware", "latency_margin", "keep_structure", "fold", "eval", "data_aware", "sequential", "refit", "bias_correction", "output_weighting", "max_error", "min_cosine", "min_metric", "metric", "tiles", "layers", "skip", "calib", "calib_count",
-        "provider", "validate", "latency", "threads", "seed", *IMAGE_KEYS)}
-    overrides["input_shape"] = tuple(args.input_shape) if args.input_shape else None
-    settings = load_config(args.config, overrides)
+    settings = _settings(args)
+    if args.print_pipeline:
+        console.print(default_pipeline(settings).describe(), markup=False, highlight=False)
+        return 0
+    if args.output is None:
+        raise InputError("compress: the following arguments are required: -o/--output")
     quiet = args.json or not console.is_terminal
-    if quiet:
-        workspace = api.compress(args.model, args.output, settings)
-    else:
-        with _progress(console) as tracker:
-            workspace = api.compress(args.model, args.output, settings, tracker)
-    report = compression_report(workspace, args.model, args.output)
-    if args.report:
-        write_report(report, args.report, report_curves(workspace))
+    try:
+        if quiet:
+            result = api.compress(args.model, args.output, settings)
+        else:
+            with _progress(console) as tracker:
+                result = api.compress(args.model, args.output, settings, tracker=tracker)
+    except BoundError as exc:
+        if exc.result is not None:
+            _show(console, args, compression_report(exc.result, args.model, args.output), settings.guarded)
+        raise
+    _show(console, args, compression_report(result, args.model, args.output), settings.guarded)
+    return 0
+
+
+def _show(console: Console, args, report: dict, guarded: bool) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_compression(console, report, settings.guarded)
-    if args.require_speedup:
-        speedup = (report["validation"] or {}).get("speedup")
-        if speedup is None:
-            raise BoundError("--require-speedup: no end-to-end latency was measured (drop --no-latency/--no-validate)")
-        if speedup <= 1.0:
-            raise BoundError(f"--require-speedup: the compressed model is not faster end to end "
-                             f"(x{speedup:.2f} on {report['validation']['provider']})")
-    return 0
+        _print_compression(console, report, guarded)
 
 
 def _print_compression(console: Console, report: dict, guarded: bool) -> None:
@@ -275,7 +292,7 @@ def _validate(args, console: Console) -> int:
     result = validate.validate_models(
         args.original, args.candidate, calib=args.calib,
         input_shapes=args.input_shape, provider=args.provider or "auto",
-        count=args.calib_count or 16, metric=args.metric,
+        count=args.calib_count, metric=args.metric,
         latency=args.latency is not False, threads=args.threads,
         batch_size=settings.batch_size, image_options=settings.image_options())
     if args.json:

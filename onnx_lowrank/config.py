@@ -14,13 +14,8 @@ from collections.abc import Mapping
 
 from onnx_lowrank.errors import InputError
 
-__all__ = ["METHOD_NAMES", "Settings", "load_config"]
+__all__ = ["Settings", "load_config"]
 
-METHOD_NAMES = ("svd", "spatial-svd", "tiled-svd", "tucker2", "cp", "cp-depthwise", "versatile",
-                "versatile-channel")
-#: What `--method auto` chooses from: the methods whose error-versus-rank curve is known exactly
-#: (Eckart–Young) or bounded (HOSVD) from spectra, so the allocator compares them fairly.
-AUTO_METHODS = ("svd", "spatial-svd", "tucker2")
 POLICY_KEYS = ("rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params", "target_latency")
 
 
@@ -69,10 +64,15 @@ class Settings:
     latency: bool = True
     threads: int | None = None
     seed: int = 0
+    require_speedup: bool = False
+    report: str | None = None
 
     def __post_init__(self):
-        if self.method not in (*METHOD_NAMES, "auto"):
-            raise InputError(f"unknown method '{self.method}'; expected auto or one of {', '.join(METHOD_NAMES)}")
+        from onnx_lowrank.methods import available
+
+        known = available()
+        if self.method != "auto" and self.method not in known:
+            raise InputError(f"unknown method '{self.method}'; expected auto or one of {', '.join(known)}")
         given = [key for key in POLICY_KEYS if getattr(self, key) not in (None, False)]
         if len(given) > 1:
             flags = " and ".join("--" + key.replace("_", "-") for key in given)
@@ -85,7 +85,7 @@ class Settings:
             value = getattr(self, key)
             if value is not None and not 0 < value <= 1:
                 raise InputError(f"--{key.replace('_', '-')} must be in (0, 1], got {value}")
-        if self.method.startswith("versatile") and self.budget is not None:
+        if self.method != "auto" and not known[self.method].ranked and self.budget is not None:
             raise InputError(f"--method {self.method} has no rank to allocate: use it without a budget")
         if self.method == "auto" and self.budget is None:
             raise InputError("--method auto picks methods for a budget: add --target-macs, --target-params "
@@ -124,7 +124,7 @@ class Settings:
 
     def provenance(self) -> dict:
         """The settings that decide the output model (not how fast it was made): its metadata."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("jobs", "threads")}
+        return {k: v for k, v in self.to_dict().items() if k not in ("jobs", "threads", "report", "require_speedup")}
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

@@ -16,7 +16,12 @@ class InputError(Exception):
 
 
 class BoundError(Exception):
-    """The result failed a bound the user requested (error, fidelity, speed-up)."""
+    """The result failed a bound the user requested (error, fidelity, speed-up); `result`, when
+    set, is the result that failed it (already saved), for the caller to show."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class InternalError(Exception):

@@ -43,7 +43,7 @@ from onnx_lowrank.files import atomic_write_bytes
 from onnx_lowrank.fold import FoldCounts
 
 __all__ = [
-    "REUSED_CALIBRATION_NOTE", "STATUSES", "ReportCurves", "compression_report", "markdown_report", "pareto_plot",
+    "REUSED_CALIBRATION_NOTE", "STATUSES", "ReportCurves", "compression_report", "markdown_report",
     "report_curves", "reused_calibration", "validate_report", "write_report",
 ]
 
@@ -65,11 +65,13 @@ class ReportCurves:
         spectra: layer name -> singular values (1-D, any order; sorted descending when drawn).
         error_curves: layer name -> ``(ranks, relative_errors)``, two 1-D arrays of equal length.
         chosen: layer name -> the rank that was chosen (marked on the error curve and spectrum).
+        units: what the spectra measure: "weight", or the output error on calibration inputs.
     """
 
     spectra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     error_curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     chosen: dict[str, int] = dataclasses.field(default_factory=dict)
+    units: str = "weight"
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,7 +492,7 @@ def _spectra_figure(curves: ReportCurves, sizes: Mapping[str, int]):
         if chosen is not None and 1 <= chosen <= values.size and np.isfinite(normalised[chosen - 1]):
             axes.plot([chosen], [normalised[chosen - 1]], "o", color=line.get_color(), markersize=6)
     axes.set_yscale("log")
-    axes.set_title("Normalised singular-value spectra" +
+    axes.set_title(f"Normalised singular-value spectra ({curves.units})" +
                    (" (dot: chosen rank)" if curves.chosen else ""))
     axes.set_xlabel("index $k$")
     axes.set_ylabel(r"$\sigma_k\,/\,\sigma_1$")
@@ -516,7 +518,7 @@ def _error_figure(curves: ReportCurves, sizes: Mapping[str, int]):
         if chosen is not None and ranks.size:
             error = float(np.interp(chosen, ranks, errors))
             axes.plot([chosen], [error], "o", color=line.get_color(), markersize=7)
-    axes.set_title("Relative error vs rank" + (" (dot: chosen rank)" if curves.chosen else ""))
+    axes.set_title(f"Relative {curves.units} error vs rank" + (" (dot: chosen rank)" if curves.chosen else ""))
     axes.set_xlabel("rank")
     axes.set_ylabel("relative error")
     axes.set_ylim(bottom=0)
@@ -526,86 +528,51 @@ def _error_figure(curves: ReportCurves, sizes: Mapping[str, int]):
     return figure
 
 
-def pareto_plot(rows: list[dict], x: str, y: str, path: str | os.PathLike,
-                label: str = "method", title: str = "") -> pathlib.Path:
-    """Plot fidelity-vs-cost points, one line per value of ``row[label]``, sorted by `x`.
-
-    Each row is a dict with numeric ``row[x]`` and ``row[y]``; rows without `label` go in a
-    group named "-". Writes a PNG to `path` atomically (its folder is created if needed) and
-    returns the path.
-
-    Raises:
-        ValueError: a row lacks `x` or `y`, or its value is not a finite number.
-    """
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for index, row in enumerate(rows):
-        point = []
-        for key in (x, y):
-            if key not in row:
-                raise ValueError(f"rows[{index}].{key}: missing required key")
-            value = row[key]
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number) \
-                    or not math.isfinite(value):
-                raise ValueError(f"rows[{index}].{key}: expected a finite number, found {_found(value)}")
-            point.append(float(value))
-        groups.setdefault(str(row.get(label, "-")), []).append((point[0], point[1]))
-    figure = _figure(7.0, 4.5)
-    axes = figure.add_subplot()
-    for name, points in groups.items():
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name,
-                  linewidth=1.5, markersize=5)
-    axes.set_title(title or f"{y} vs {x}")
-    axes.set_xlabel(x)
-    axes.set_ylabel(y)
-    axes.grid(alpha=0.3)
-    if groups:
-        axes.legend(title=label, fontsize=8)
-    else:
-        axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(figure, path)
-
-
-def compression_report(workspace, input_path: str, output_path: str) -> dict:
-    """The report contract of design.md for a finished compression workspace.
+def compression_report(result, input_path: str, output_path: str) -> dict:
+    """The report contract of design.md for a `CompressionResult`.
 
     Beyond the contract, ``validation.on_fit_inputs`` tells a pipeline reading the JSON what the
     CLI and report.md say in words: the numbers were measured on the calibration inputs the
     data-aware fit was made on (`reused_calibration`), so they are optimistic."""
     from onnx_lowrank import __version__
 
-    before = workspace.totals_before
-    after = workspace.totals_after or workspace.totals_before
-    settings = workspace.settings.to_dict()
+    before = result.totals_before
+    after = result.totals_after or result.totals_before
+    settings = result.settings.to_dict()
     validation = None
-    if workspace.validation is not None:
-        validation = {**workspace.validation.to_dict(), "on_fit_inputs": reused_calibration(settings)}
+    if result.validation is not None:
+        validation = {**result.validation.to_dict(), "on_fit_inputs": reused_calibration(settings)}
     return {"tool_version": __version__, "input": str(input_path), "output": str(output_path),
             "settings": settings,
             "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
                        "params_before": before["params"], "params_after": after["params"]},
-            "layers": [d.to_dict() for d in workspace.decisions.values()],
-            "folded": dataclasses.asdict(workspace.folds),
+            "layers": [layer.to_dict() for layer in result.layers],
+            "folded": dataclasses.asdict(result.folds),
             "validation": validation}
 
 
-def report_curves(workspace, count: int = 6) -> ReportCurves:
+def report_curves(workspace, count: int = CURVE_PLOT_LAYERS) -> ReportCurves:
     """Spectra and relative-error-versus-rank curves of the `count` largest factorized layers.
 
-    The error at rank r is the relative Frobenius error of truncating the first factorized mode
-    there, `sqrt(Σ_{i>r} σ_i² / Σ σ_i²)` (Eckart–Young), groups pooled.
+    The spectrum is the one the ranks were chosen from: the budget's (output-error spectra on
+    the calibration inputs in a data-aware run, `Workspace.curves`), else the weight's spectrum
+    of the first factorized mode. The error at rank r is the relative Frobenius error of
+    truncating it there, `sqrt(Σ_{i>r} σ_i² / Σ σ_i²)` (Eckart–Young), groups pooled.
     """
-    from onnx_lowrank import methods, ranks
+    from onnx_lowrank import ranks
+    from onnx_lowrank.methods import MethodSet
 
-    curves = ReportCurves()
-    factorized = [d for d in workspace.decisions.values() if d.ranks and d.method]
+    settings = workspace.settings
+    methods = MethodSet(settings)
+    measured = bool(workspace.spectra)
+    curves = ReportCurves(units="output error on the calibration inputs" if measured else "weight")
+    factorized = [d for d in workspace.decisions.values() if d.ranks and d.method and methods[d.method].ranked]
     for decision in sorted(factorized, key=lambda d: -(d.layer.macs or 0))[:count]:
-        layer, tiles = decision.layer, workspace.settings.tiles
-        spectrum = methods.mode_spectra(layer, decision.method, tiles)[0]
-        full = methods.full_ranks(layer, decision.method, tiles)[0]
-        grid = np.arange(1, full + 1)
+        layer = decision.layer
+        spectrum = workspace.curves.get(layer.name, {}).get(decision.method)
+        if spectrum is None:
+            spectrum = methods[decision.method].spectra(layer)[0]
+        grid = np.arange(1, min(spectrum.shape) + 1)
         curves.spectra[layer.name] = np.sqrt(spectrum.pooled_energy())
         curves.error_curves[layer.name] = (grid, np.sqrt(ranks.svd_error_curve(spectrum, grid)))
         curves.chosen[layer.name] = int(decision.ranks[0])

@@ -77,3 +77,25 @@ def assert_numerically_equal(original, rewritten, feed, rtol=FULL_RANK_RTOL):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def prepared(model, input_shapes=(), **settings):
+    """The workspace after the canonical form and layer discovery (what `inspect` runs)."""
+    from onnx_lowrank.config import Settings
+    from onnx_lowrank.passes import Workspace, inspect_pipeline
+
+    loaded = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    workspace = Workspace(original=loaded, model=loaded,
+                          settings=Settings(input_shape=tuple(input_shapes), **settings))
+    inspect_pipeline().run(workspace)
+    return workspace
+
+
+def fit(layer, method, policy=None, ranks=None, stats=None, **settings):
+    """`fitting.fit_layer` of `layer` by the method serving it when `method` is asked for."""
+    from onnx_lowrank.config import Settings
+    from onnx_lowrank.fitting import fit_layer
+    from onnx_lowrank.methods import MethodSet
+
+    serving = MethodSet(Settings(method=method, **settings)).serving(method, layer)
+    return fit_layer(layer, serving, ranks=ranks, policy=policy, stats=stats)

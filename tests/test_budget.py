@@ -22,7 +22,7 @@ DIGITS_TEST = ["--calib", "models/digits_test.npz", "--batch-size", "60", "--cal
 
 
 def macs_of(path) -> int:
-    return api.inspect(str(path)).totals_before["macs"]
+    return api.inspect(str(path)).totals["macs"]
 
 
 def compress_json(capsys, *args) -> dict:
@@ -75,7 +75,7 @@ def test_target_params(tmp_path, capsys):
     output = tmp_path / "out.onnx"
     report = compress_json(capsys, DIGITS, "-o", str(output), "--target-params", "0.5", "--no-validate")
     assert abs(report["totals"]["params_after"] / report["totals"]["params_before"] - 0.5) <= 0.02
-    assert report["totals"]["params_after"] == api.inspect(str(output)).totals_before["params"]
+    assert report["totals"]["params_after"] == api.inspect(str(output)).totals["params"]
 
 
 def test_unreachable_target_exits_2_with_lowest_reachable(tmp_path, capsys):

@@ -7,12 +7,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import conv_model, make_model, relative_error, run
+from conftest import conv_model, fit, make_model, prepared, relative_error, run
 from onnx_lowrank import api, calibrate
 from onnx_lowrank.config import Settings
 from onnx_lowrank.factorize import data
-from onnx_lowrank.methods import plan
-from onnx_lowrank.passes import MAX_GAIN_SAMPLES, OutputGainsPass, gain_samples
+from onnx_lowrank.passes import OutputGainsPass
+from onnx_lowrank.passes.statistics import MAX_GAIN_SAMPLES, gain_samples
 from onnx_lowrank.ranks import FixedRank
 
 
@@ -59,13 +59,13 @@ def exposed(model, names):
 def test_walk_sees_the_original_activations_and_carries_the_compressed_world(rng):
     model = residual_model(rng)
     feeds = anisotropic_feeds(rng, 2)
-    layers = api.inspect(model).layers
-    canonical = api.inspect(model).canonical
+    layers = prepared(model).layers
+    canonical = prepared(model).canonical
     seen, chains = {}, {}
 
     def visit(layer, xs, xts):
         seen[layer.name] = (xs, xts)
-        chains[layer.name] = plan(layer, "svd", FixedRank(3)).chain
+        chains[layer.name] = fit(layer, "svd", FixedRank(3)).chain
         return chains[layer.name]
 
     calibrate.walk_layers(canonical, layers, feeds, visit, sequential=True)
@@ -73,7 +73,7 @@ def test_walk_sees_the_original_activations_and_carries_the_compressed_world(rng
     np.testing.assert_allclose(seen["conv1"][0][1], reference[1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(seen["conv2"][0][1], reference[2], rtol=1e-5, atol=1e-6)
     # The compressed world: conv0 and conv1 replaced by their chains, read at conv2's input.
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     for decision in workspace.decisions.values():
         if decision.layer.name in ("conv0", "conv1"):
             decision.chain, decision.status = chains[decision.layer.name], "rewritten"
@@ -159,7 +159,7 @@ def test_output_gains_measure_what_reaches_the_output(rng):
     second[:width // 2, :width // 2] = np.linalg.qr(rng.standard_normal((width // 2, width // 2)))[0]
     model = two_matmul_model(first, second)
     feeds = [{"x": rng.standard_normal((64, 32)).astype(np.float32)} for _ in range(2)]
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
     assert gains["mm1"] == pytest.approx(1.0, rel=1e-4)
     assert gains["mm0"] == pytest.approx(0.5, rel=0.1)
@@ -172,7 +172,7 @@ def test_output_gains_look_through_a_saturated_softmax(rng):
     second = 20 * rng.standard_normal((64, 10))
     model = two_matmul_model(first, second, softmax=True)
     feeds = [{"x": rng.standard_normal((64, 32)).astype(np.float32)}]
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
     assert gains["mm1"] == pytest.approx(1.0, rel=0.2)     # 1 but for the softmax's shift invariance
 
@@ -183,12 +183,12 @@ def test_measured_outputs_look_through_identity_and_count_free_numbers(rng, opse
     # a two-class softmax leaves one free number per sample, so the gains use 64 samples.
     model = two_matmul_model(rng.standard_normal((32, 16)), rng.standard_normal((16, 2)),
                              softmax=True, identity=True, opset=opset)
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     measured = calibrate.measured_outputs(workspace.canonical)
     assert list(measured) == ["y"]
     assert calibrate.output_freedom(workspace.canonical, workspace.shapes) == 1
     assert gain_samples(1) == MAX_GAIN_SAMPLES == 64
-    plain = api.inspect(two_matmul_model(rng.standard_normal((32, 16)), rng.standard_normal((16, 10))))
+    plain = prepared(two_matmul_model(rng.standard_normal((32, 16)), rng.standard_normal((16, 10))))
     assert calibrate.measured_outputs(plain.canonical) == {"y": ()}
     assert calibrate.output_freedom(plain.canonical, plain.shapes) == 10
     assert calibrate.output_freedom(plain.canonical, {}) is None
@@ -207,7 +207,7 @@ def test_output_freedom_counts_the_least_telling_float_output(rng):
                helper.make_tensor_value_info("label", TensorProto.INT64, None),
                helper.make_tensor_value_info("features", TensorProto.FLOAT, None)]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])], outputs, inits)
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     assert calibrate.output_freedom(workspace.canonical, workspace.shapes) == 1
     assert calibrate.output_freedom(workspace.canonical, {**workspace.shapes, "features": ()}) == 1
 
@@ -217,14 +217,17 @@ def test_output_gains_pass_perturbs_64_samples_of_a_two_class_head(rng, known):
     # Without the logits' shape (inference could not follow them) the pass infers it itself.
     model = two_matmul_model(rng.standard_normal((32, 16)), rng.standard_normal((16, 2)),
                              softmax=True, identity=True)
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     if not known:
         workspace.shapes = {k: v for k, v in workspace.shapes.items() if k != "y"}
     feeds = [{"x": rng.standard_normal((16, 32)).astype(np.float32)} for _ in range(6)]
-    result = OutputGainsPass(feeds).run(workspace, lambda items, total, text: items)
+    workspace.calibration = feeds
+    result = OutputGainsPass().run(workspace, lambda items, total, text: items)
     assert result.summary.endswith("on 64 samples")
     assert all(d.output_gain is not None for d in workspace.decisions.values() if d.reason is None)
-    few = OutputGainsPass(feeds[:2]).run(api.inspect(model), lambda items, total, text: items)
+    fewer = prepared(model)
+    fewer.calibration = feeds[:2]
+    few = OutputGainsPass().run(fewer, lambda items, total, text: items)
     assert few.summary.endswith("on 32 samples")
 
 
@@ -244,7 +247,7 @@ def test_output_gains_ignore_what_a_softmax_ignores(rng, opset):
              helper.make_node("Softmax", ["z"], ["p"], axis=1)]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 8])],
                        [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)], inits, opset=opset)
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     feeds = [{"x": rng.standard_normal((32, 8)).astype(np.float32)}]
     gains = calibrate.output_gains(workspace.canonical, workspace.layers, feeds)
     assert gains["shift"] < 1e-10 < gains["head"]
@@ -277,11 +280,11 @@ def test_budget_spends_its_cuts_where_the_model_output_feels_them_least(rng, tmp
     for weighted in (True, False):
         settings = Settings(method="svd", target_macs=0.5, rank_multiple=4, calib=str(calib), calib_count=64,
                             output_weighting=weighted, validate=False)
-        workspace = api.compress(source, tmp_path / f"out_{weighted}.onnx", settings)
-        chosen[weighted] = {d.layer.name: (d.ranks[0] if d.status == "rewritten" else width)
-                            for d in workspace.decisions.values()}
+        result = api.compress(source, tmp_path / f"out_{weighted}.onnx", settings)
+        chosen[weighted] = {layer.name: (layer.ranks[0] if layer.status == "rewritten" else width)
+                            for layer in result.layers}
         if weighted:
-            gains = {d.layer.name: d.output_gain for d in workspace.decisions.values()}
+            gains = {layer.name: layer.output_gain for layer in result.layers}
             assert gains["soft"] < 1e-2 * gains["loud"]
     assert chosen[True]["soft"] < chosen[True]["loud"]
     assert abs(chosen[False]["soft"] - chosen[False]["loud"]) < chosen[True]["loud"] - chosen[True]["soft"]
@@ -299,20 +302,18 @@ def test_vector_count_matches_the_vectors(rng):
              (matmul_model((2, 3, 5), rng.standard_normal((5, 4))), (2, 3, 5)),
              (matmul_model((2, 5, 3), rng.standard_normal((4, 5)), side="left"), (2, 5, 3))]
     for model, shape in cases:
-        layer = api.inspect(model).layers[0]
+        layer = prepared(model).layers[0]
         x = rng.standard_normal(shape).astype(np.float32)
         rows = sum(chunk.shape[1] for chunk in calibrate.layer_vectors(layer, x, 7))
         assert calibrate.vector_count(layer, x) == rows
 
 
 def test_moments_of_a_subset_of_vectors_estimate_the_full_moments(rng):
-    from onnx_lowrank.passes import layer_moments
-
     model = conv_model((4, 8, 32, 32), rng.standard_normal((8, 8, 3, 3)), pads=[1, 1, 1, 1])
-    layer = api.inspect(model).layers[0]
+    layer = prepared(model).layers[0]
     xs = [rng.standard_normal((4, 8, 32, 32)).astype(np.float32) for _ in range(2)]
-    full = layer_moments(layer, xs, None)
-    sampled = layer_moments(layer, xs, xs, rows=2048)
+    full = calibrate.layer_moments(layer, xs, None)
+    sampled = calibrate.layer_moments(layer, xs, xs, rows=2048)
     assert full.n == 2 * 4 * 32 * 32 and 1500 < sampled.n < 2600
     np.testing.assert_allclose(sampled.xx[0] / sampled.n, full.xx[0] / full.n, atol=0.15)
     np.testing.assert_array_equal(sampled.tt, sampled.xx)     # the same positions of x and x~

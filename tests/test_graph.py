@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_numerically_equal, conv_model, gemm_model, make_model, matmul_model, run
+from conftest import assert_numerically_equal, conv_model, gemm_model, make_model, matmul_model, prepared, run
 from onnx_lowrank import api
 from onnx_lowrank.config import Settings
 from onnx_lowrank.errors import InputError
@@ -118,7 +118,7 @@ def test_weights_and_biases_behind_identity_nodes_are_constants(rng, tmp_path):
              helper.make_node("Conv", ["h", "w1_copy", "b_copy2"], ["y"], name="conv1", pads=[1, 1, 1, 1])]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    workspace = api.inspect(model)
+    workspace = prepared(model)
     assert all(d.reason is None for d in workspace.decisions.values())
     assert workspace.totals_before["params"] == 4 * 3 * 9 + 4 * 4 * 9 + 4     # the shared bias once
     api.compress(model, tmp_path / "out.onnx", Settings(method="tucker2", rank_ratio=1.0, validate=False))
@@ -134,7 +134,7 @@ def test_shared_initializer_is_counted_once(rng):
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
     workspace = api.inspect(model)
     assert [layer.shared_with for layer in workspace.layers] == [("second",), ("first",)]
-    assert workspace.totals_before == {"macs": 2 * 2 * 4 * 4, "params": 16}
+    assert workspace.totals == {"macs": 2 * 2 * 4 * 4, "params": 16}
 
 
 def test_dynamic_batch_is_pinned(rng):
@@ -188,4 +188,4 @@ def test_model_without_layers_is_bad_input():
 def test_bundled_digits_model_totals():
     workspace = api.inspect("models/digits_cnn.onnx")
     expected_macs = 8 * 8 * 32 * 9 + 8 * 8 * 64 * 32 * 9 + 2 * 4 * 4 * 64 * 64 * 9 + 256 * 64 + 64 * 10
-    assert workspace.totals_before == {"macs": expected_macs, "params": 109_770}
+    assert workspace.totals == {"macs": expected_macs, "params": 109_770}

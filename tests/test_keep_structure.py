@@ -9,7 +9,7 @@ import pytest
 from conftest import run
 from onnx_lowrank import api
 from onnx_lowrank.config import Settings
-from onnx_lowrank.factorize import project
+from onnx_lowrank.api import project
 
 DIGITS = "models/digits_cnn.onnx"
 

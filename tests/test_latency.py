@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import (
     conv_model,
+    fit,
     gemm_model,
     make_model,
     matmul_model,
@@ -37,7 +38,7 @@ from onnx_lowrank.latency import (
     profile_layer,
     rank_multiple_default,
 )
-from onnx_lowrank.methods import plan
+
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.ranks import FixedRank, RankRatio
 from onnx_lowrank.rewrite.chain import apply_chain
@@ -128,7 +129,7 @@ def test_layer_model_reproduces_the_layer_inside_its_model(case, rng):
     assert got.shape == y.shape == layer.output_shape
     assert relative_error(y, got) < SAME_RTOL
 
-    chain = plan(layer, method, FixedRank(4)).chain
+    chain = fit(layer, method, FixedRank(4)).chain
     chained = layer_model(layer, chain)
     onnx.checker.check_model(chained, full_check=True)
     assert chained.ir_version <= runtime_max_ir_version()
@@ -139,7 +140,7 @@ def test_layer_model_reproduces_the_layer_inside_its_model(case, rng):
     assert relative_error(y_chain, got_chain) < SAME_RTOL
     assert relative_error(y, got_chain) > 1e-3  # rank 4 truncates: a different model
 
-    exact = layer_model(layer, plan(layer, method, RankRatio(1.0)).chain)
+    exact = layer_model(layer, fit(layer, method, RankRatio(1.0)).chain)
     (got_exact,) = run(exact, {data: np.maximum(inp, 0)})
     assert relative_error(y, got_exact) < FULL_RANK_RTOL
 
@@ -170,8 +171,8 @@ def test_keys_follow_the_structure_not_the_weights(rng):
     other_weights = only_layer(conv_case(rng, seed_weight=np.random.default_rng(99)))
     assert not np.allclose(other_weights.weight, layer.weight)
     assert cache_key(layer_model(other_weights), "cpu", 1) == base
-    chain_a = layer_model(layer, plan(layer, "tucker2", FixedRank(4)).chain)
-    chain_b = layer_model(other_weights, plan(other_weights, "tucker2", FixedRank(4)).chain)
+    chain_a = layer_model(layer, fit(layer, "tucker2", FixedRank(4)).chain)
+    chain_b = layer_model(other_weights, fit(other_weights, "tucker2", FixedRank(4)).chain)
     assert cache_key(chain_a, "cpu", 1) == cache_key(chain_b, "cpu", 1)
 
     assert cache_key(model, "cuda", 1) != base
@@ -180,7 +181,7 @@ def test_keys_follow_the_structure_not_the_weights(rng):
     assert cache_key(model, "cpu", 1, device="another cpu") != base
     bigger = only_layer(conv_case(rng, input_shape=(1, 12, 13, 13)))
     assert cache_key(layer_model(bigger), "cpu", 1) != base
-    chain_2 = layer_model(layer, plan(layer, "tucker2", FixedRank(2)).chain)
+    chain_2 = layer_model(layer, fit(layer, "tucker2", FixedRank(2)).chain)
     assert cache_key(chain_2, "cpu", 1) != cache_key(chain_a, "cpu", 1)
     assert cache_key(chain_a, "cpu", 1) != base
 
@@ -273,7 +274,7 @@ class FakeTimer:
 
 def conv_with_chains(rng):
     layer = only_layer(conv_case(rng))
-    chains = [plan(layer, "tucker2", FixedRank(r)).chain for r in (2, 4)]
+    chains = [fit(layer, "tucker2", FixedRank(r)).chain for r in (2, 4)]
     sizes = [FakeTimer.size(layer_model(layer, c)) for c in (None, *chains)]
     assert len(set(sizes)) == 3
     return layer, chains, sizes
@@ -314,7 +315,7 @@ def test_profile_uses_the_cache(rng, tmp_path):
     assert second.from_cache == (True, True, True)
 
     # a new chain: only it is timed
-    new = plan(layer, "tucker2", FixedRank(3)).chain
+    new = fit(layer, "tucker2", FixedRank(3)).chain
     partial = FakeTimer()
     third = profile_layer(layer, [chains[0], new], cache=cache, timer=partial, warmup=1, repeats=3)
     new_size = FakeTimer.size(layer_model(layer, new))
@@ -364,7 +365,7 @@ def test_rank_multiple_default():
 def test_real_profile_of_a_small_conv(rng, tmp_path):
     layer = only_layer(conv_model((1, 16, 16, 16), rng.standard_normal((16, 16, 3, 3)),
                                   rng.standard_normal(16), pads=[1, 1, 1, 1]))
-    chain = plan(layer, "tucker2", FixedRank(8)).chain
+    chain = fit(layer, "tucker2", FixedRank(8)).chain
     cache = LatencyCache(tmp_path / "latency.json")
     timing = profile_layer(layer, [chain], provider="cpu", threads=1, cache=cache, warmup=2, repeats=5)
     for stats in (timing.original, *timing.chains):

@@ -10,13 +10,16 @@ import pytest
 
 from onnx_lowrank import api
 from onnx_lowrank.config import Settings
+from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes import (
-    BudgetPass, CanonicalizePass, CountPass, FactorizePass, FindLayersPass, LatencyJudge, PassManager, RewritePass,
+    BudgetPass, CanonicalizePass, CountPass, FactorizePass, FindLayersPass, LatencyJudge, Pipeline, RewritePass,
     Workspace,
 )
 from onnx_lowrank.ranks import RankRatio
 
 DIGITS = "models/digits_cnn.onnx"
+SETTINGS = Settings(validate=False)
+METHODS = MethodSet(SETTINGS)
 
 
 def fake_timer(slow_layers):
@@ -35,14 +38,14 @@ def fake_timer(slow_layers):
 
 def run_passes(*passes):
     model = onnx.load(DIGITS)
-    workspace = Workspace(original=model, model=model, settings=Settings(validate=False))
-    PassManager([CanonicalizePass(), FindLayersPass({}), *passes]).run(workspace)
+    workspace = Workspace(original=model, model=model, settings=SETTINGS)
+    Pipeline([CanonicalizePass(), FindLayersPass(), *passes]).run(workspace)
     return workspace
 
 
 def test_latency_aware_never_keeps_a_chain_measured_slower():
     judge = LatencyJudge("cpu", margin=0.05, timer=fake_timer({"/conv3/Conv", "/fc1/Gemm"}))
-    workspace = run_passes(FactorizePass("tucker2", RankRatio(0.5), judge=judge))
+    workspace = run_passes(FactorizePass(METHODS, "tucker2", RankRatio(0.5), judge=judge))
     decisions = workspace.decisions
     for name in ("/conv3/Conv", "/fc1/Gemm"):
         assert decisions[name].status == "skipped" and "measured no faster" in decisions[name].reason
@@ -63,7 +66,7 @@ def test_a_chain_measured_slower_once_is_timed_again_before_it_is_rejected():
         calls[key] += 1
         return 3.0 if calls[key] <= 40 else 0.5
 
-    workspace = run_passes(FactorizePass("tucker2", RankRatio(0.5), judge=LatencyJudge("cpu", timer=timer)))
+    workspace = run_passes(FactorizePass(METHODS, "tucker2", RankRatio(0.5), judge=LatencyJudge("cpu", timer=timer)))
     assert workspace.rewritten and all(d.latency_ms_after == 0.5 for d in workspace.rewritten)
 
 
@@ -71,7 +74,7 @@ def test_margin_rejects_a_chain_only_slightly_faster():
     def timer(model, feed):
         return 0.97 if any("/lowrank/" in n.name for n in model.graph.node) else 1.0
 
-    workspace = run_passes(FactorizePass("tucker2", RankRatio(0.5), judge=LatencyJudge("cpu", margin=0.05, timer=timer)))
+    workspace = run_passes(FactorizePass(METHODS, "tucker2", RankRatio(0.5), judge=LatencyJudge("cpu", margin=0.05, timer=timer)))
     assert not workspace.rewritten
 
 
@@ -81,8 +84,8 @@ def test_target_latency_spends_measured_milliseconds():
         return float(sum(np.prod(t.dims) for t in model.graph.initializer)) / 1e4
 
     judge = LatencyJudge("cpu", margin=0.0, timer=timer)
-    workspace = run_passes(BudgetPass(0.5, "latency", ("svd", "tucker2"), multiple=8, judge=judge),
-                           FactorizePass("tucker2", RankRatio(0.5)))
+    workspace = run_passes(BudgetPass(METHODS, 0.5, "latency", ("svd", "tucker2"), multiple=8, judge=judge),
+                           FactorizePass(METHODS, "tucker2", RankRatio(0.5)))
     chosen = [d for d in workspace.decisions.values() if d.ranks]
     assert chosen and all(r % 8 == 0 or r == full for d in chosen for r, full in
                           zip(d.ranks, [d.layer.weight.shape[0], d.layer.weight.shape[1]]))
@@ -91,8 +94,8 @@ def test_target_latency_spends_measured_milliseconds():
 def test_latency_aware_mac_budget_is_spent_on_chains_measured_faster():
     """With a judge, a MAC target is met by layers whose chains are faster; the slow layer stays dense."""
     judge = LatencyJudge("cpu", margin=0.05, timer=fake_timer({"/conv3/Conv"}))
-    workspace = run_passes(BudgetPass(0.6, "macs", ("svd", "tucker2"), multiple=8, judge=judge),
-                           FactorizePass("tucker2", RankRatio(0.5), judge=judge), RewritePass(), CountPass({}))
+    workspace = run_passes(BudgetPass(METHODS, 0.6, "macs", ("svd", "tucker2"), multiple=8, judge=judge),
+                           FactorizePass(METHODS, "tucker2", RankRatio(0.5), judge=judge), RewritePass(), CountPass())
     assert workspace.decisions["/conv3/Conv"].ranks is None
     assert "kept dense" in workspace.decisions["/conv3/Conv"].reason
     kept = workspace.totals_after["macs"] / workspace.totals_before["macs"]
@@ -102,11 +105,11 @@ def test_latency_aware_mac_budget_is_spent_on_chains_measured_faster():
 
 @pytest.mark.slow
 def test_latency_aware_end_to_end_on_cpu(tmp_path):
-    workspace = api.compress(DIGITS, tmp_path / "out.onnx",
-                             Settings(target_macs=0.5, latency_aware=True, input_shape=("input:64x1x8x8",)))
-    for decision in workspace.decisions.values():
-        if decision.status == "rewritten":
-            assert decision.latency_ms_after < decision.latency_ms_before
+    result = api.compress(DIGITS, tmp_path / "out.onnx",
+                          Settings(target_macs=0.5, latency_aware=True, input_shape=("input:64x1x8x8",)))
+    assert result.rewritten
+    for layer in result.rewritten:
+        assert layer.latency_ms_after < layer.latency_ms_before
 
 
 def test_a_mac_target_out_of_reach_of_the_faster_chains_is_refused_with_the_reason():
@@ -114,4 +117,4 @@ def test_a_mac_target_out_of_reach_of_the_faster_chains_is_refused_with_the_reas
 
     judge = LatencyJudge("cpu", margin=0.05, timer=fake_timer({"/conv2/Conv", "/conv3/Conv", "/conv4/Conv"}))
     with pytest.raises(InputError, match="only chains measured faster"):
-        run_passes(BudgetPass(0.3, "macs", ("svd", "tucker2"), multiple=8, judge=judge))
+        run_passes(BudgetPass(METHODS, 0.3, "macs", ("svd", "tucker2"), multiple=8, judge=judge))

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from onnx_lowrank.report import ReportCurves, pareto_plot, reused_calibration, validate_report, write_report
+from onnx_lowrank.report import ReportCurves, reused_calibration, validate_report, write_report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -284,22 +284,6 @@ def test_many_layers_plot(tmp_path):
                                macs=(1000 * (i + 1), 400 * (i + 1))) for i in range(45)]
     write_report(report, tmp_path)
     assert_png(tmp_path / "macs_per_layer.png")
-
-
-def test_pareto_plot(tmp_path):
-    rows = [{"method": method, "macs": macs, "cosine": 1 - err}
-            for method, points in (("svd", [(0.5, 0.02), (0.3, 0.06), (0.7, 0.01)]),
-                                   ("tucker2", [(0.4, 0.03), (0.6, 0.015)]))
-            for macs, err in points]
-    path = pareto_plot(rows, "macs", "cosine", tmp_path / "plots" / "pareto.png",
-                       title="Fidelity vs MACs")
-    assert path == tmp_path / "plots" / "pareto.png"
-    assert_png(path)
-    with pytest.raises(ValueError, match=r"rows\[1\]\.cosine"):
-        pareto_plot([rows[0], {"method": "svd", "macs": 0.2}], "macs", "cosine", tmp_path / "x.png")
-
-
-# ---------------------------------------------------------------------------------- end to end
 
 
 def test_real_report_end_to_end(tmp_path):

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from conftest import assert_numerically_equal, conv_model, gemm_model, matmul_model
 from onnx_lowrank.config import Settings
+from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes import (
-    CanonicalizePass, CountPass, FactorizePass, FindLayersPass, PassManager, RewritePass, Workspace,
+    CanonicalizePass, CountPass, FactorizePass, FindLayersPass, Pipeline, RewritePass, Workspace,
 )
 from onnx_lowrank.ranks import FixedRank, RankRatio
 
@@ -29,10 +30,11 @@ EXACT_METHODS = ("svd", "spatial-svd", "tiled-svd", "tucker2")
 
 def rewrite(model, method, policy=FULL, tiles=(2, 2), require_savings=False):
     """Run the compression passes on `model` and return (rewritten model, workspace)."""
-    workspace = Workspace(original=model, model=model, settings=Settings(method=method))
-    PassManager([CanonicalizePass(), FindLayersPass({}),
-                 FactorizePass(method, policy, tiles=tiles, require_savings=require_savings),
-                 RewritePass(), CountPass({})]).run(workspace)
+    settings = Settings(method=method, tiles=tiles)
+    workspace = Workspace(original=model, model=model, settings=settings)
+    Pipeline([CanonicalizePass(), FindLayersPass(),
+              FactorizePass(MethodSet(settings), method, policy, require_savings=require_savings),
+              RewritePass(), CountPass()]).run(workspace)
     onnx.checker.check_model(workspace.model)
     return workspace.model, workspace
 

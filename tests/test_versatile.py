@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import assert_numerically_equal, conv_model, relative_error, run
+from conftest import assert_numerically_equal, conv_model, prepared, relative_error, run
 
 from onnx_lowrank.api import inspect
 from onnx_lowrank.factorize.versatile import (
@@ -63,7 +63,7 @@ def channel_kernel(rng, count: int, channels: int, c_hat: int, stride: int, n_pr
 
 
 def rewrite(model: onnx.ModelProto, apply, factors, input_shapes=None) -> onnx.ModelProto:
-    workspace = inspect(model, input_shapes)
+    workspace = prepared(model, input_shapes or ())
     layer = workspace.layers[0]
     graph = gs.import_onnx(workspace.canonical)
     node = next(n for n in graph.nodes if n.name == layer.name)

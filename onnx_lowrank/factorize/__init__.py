@@ -6,9 +6,8 @@ float32 initializers of the replacing chain's stages, in order, with ``groups_pe
 This package never imports onnx.
 """
 
-from .base import ConvFactors, Factors, compose_chain
+from .base import ConvFactors, Factors, NumericalError, compose_chain
 from .cp import CPFactors, cp, cp_depthwise
-from .project import project
 from .svd import MatrixFactors, SVDFactors, TiledSVDFactors, channel_svd, spatial_svd, tiled_svd, truncated_svd
 from .tucker import TuckerFactors, hosvd_error_bound, tucker2
 
@@ -17,6 +16,7 @@ __all__ = [
     "ConvFactors",
     "Factors",
     "MatrixFactors",
+    "NumericalError",
     "SVDFactors",
     "TiledSVDFactors",
     "TuckerFactors",
@@ -25,7 +25,6 @@ __all__ = [
     "cp",
     "cp_depthwise",
     "hosvd_error_bound",
-    "project",
     "spatial_svd",
     "tiled_svd",
     "truncated_svd",

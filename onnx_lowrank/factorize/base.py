@@ -33,6 +33,7 @@ import numpy as np
 __all__ = [
     "ConvFactors",
     "Factors",
+    "NumericalError",
     "build",
     "canonical_signs",
     "check_groups",
@@ -50,6 +51,13 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+
+class NumericalError(ArithmeticError):
+    """A factorization failed for a numerical reason (a matrix that rounding left singular or
+    indefinite), not because of its arguments: the layer is skipped with this reason."""
+
+
 _F = TypeVar("_F", bound="Factors")
 
 

@@ -43,6 +43,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import (
     ConvFactors,
+    NumericalError,
     check_groups,
     check_int,
     check_kernel,
@@ -70,6 +71,7 @@ from .tucker import TuckerFactors, check_tucker_ranks, tucker_result, tucker_sta
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
+    "shrinkage",
     "DataTuckerFactors",
     "Moments",
     "bias_shift",
@@ -512,6 +514,17 @@ def regularized(sigma: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return out
 
 
+def shrinkage(moments: Moments) -> float:
+    """Regularisation of the input second moment `Σ + ε·(tr Σ / D)·I`, `ε = 1e-6 + D / n`.
+
+    With n input vectors of dimension D, Σ estimated from fewer vectors than dimensions is
+    rank-deficient and a whitened fit would ignore every direction the calibration set missed;
+    shrinking towards the identity (weight-only fitting) in proportion to D/n keeps a small
+    calibration set from doing worse than no calibration at all (Ledoit–Wolf-style shrinkage).
+    """
+    return 1e-6 + moments.dim / max(moments.n, 1)
+
+
 def _cholesky(method: str, sigma: np.ndarray, eps: float) -> np.ndarray:
     """Lower Cholesky factor of ``regularized(sigma, eps)``.
 
@@ -527,7 +540,8 @@ def _cholesky(method: str, sigma: np.ndarray, eps: float) -> np.ndarray:
             return np.linalg.cholesky(regularized(sigma, eps if attempt == 0 else floor * _CHOL_GROWTH**attempt))
         except np.linalg.LinAlgError:
             continue
-    raise ValueError(f"{method}: the second-moment matrix is not positive semi-definite (Cholesky failed)")
+    raise NumericalError(f"{method}: the second-moment matrix is not numerically positive definite "
+                         f"even with a ridge of {floor * _CHOL_GROWTH**_CHOL_RETRIES:.1g} (Cholesky failed)")
 
 
 def _solve_spd(method: str, matrix: np.ndarray, rhs_rows: np.ndarray) -> np.ndarray:

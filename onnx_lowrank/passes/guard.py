@@ -1,0 +1,126 @@
+"""The guard pass: layers rolled back until the requested error bounds hold."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult, Workspace
+from onnx_lowrank.passes.rewrite import rewritten_model, with_model_fields
+from onnx_lowrank.rewrite.chain import apply_chain
+
+__all__ = ["GuardPass", "layer_output_errors"]
+
+
+def layer_output_errors(workspace: Workspace, feeds: Sequence[dict], provider: str,
+                        threads: int | None) -> dict[str, float]:
+    """Each rewritten layer's own output error `||y - y'|| / ||y||` on the layer's ORIGINAL inputs.
+
+    One onnxruntime run of the canonical model with every chain attached beside its layer gives
+    all of them at once, without the errors of earlier layers mixed in.
+    """
+    from onnx_lowrank import validate
+
+    graph = gs.import_onnx(workspace.canonical)
+    nodes = {node.name: node for node in graph.nodes}
+    pairs = {}
+    for decision in workspace.rewritten:
+        node = nodes[decision.layer.name]
+        built = apply_chain(graph, node, decision.layer, decision.chain, replace=False)
+        pairs[decision.layer.name] = (node.outputs[0], built[-1].outputs[0])
+        for tensor in pairs[decision.layer.name]:
+            tensor.dtype = tensor.dtype or decision.layer.weight.dtype
+    graph.outputs = [tensor for pair in pairs.values() for tensor in pair]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    probe = with_model_fields(workspace.canonical, gs.export_onnx(graph, do_type_check=False),
+                               workspace.settings)
+    session = validate.make_session(probe, provider, threads)
+    residual = dict.fromkeys(pairs, 0.0)
+    energy = dict.fromkeys(pairs, 0.0)
+    for feed in feeds:
+        values = dict(zip((o.name for o in session.get_outputs()), session.run(None, feed)))
+        for name, (original, chain) in pairs.items():
+            reference = values[original.name].astype(np.float64)
+            residual[name] += float(np.sum((reference - values[chain.name]) ** 2))
+            energy[name] += float(np.sum(reference ** 2))
+    return {name: float(np.sqrt(residual[name] / energy[name])) if energy[name] > 0 else 0.0
+            for name in pairs}
+
+
+class GuardPass(Pass):
+    """Roll back layers until the requested error bounds hold.
+
+    The bounds are checked on the calibration inputs (random inputs without them), never on the
+    `--eval` inputs, so that the validation on those stays a held-out number.
+    `max_error`: every rewritten layer whose own output error (see `layer_output_errors`)
+    exceeds it goes back to its original node. `min_cosine` / `min_metric`: end to end, the fewest
+    layers with the largest own errors are rolled back (found by bisection) until the worst output
+    cosine, or the task metric, reaches the bound.
+    """
+
+    name = "guard"
+    requires = ("chains", "checks")
+    provides = ("rewritten",)
+
+    def __init__(self, provider: str, threads: int | None, max_error: float | None = None,
+                 min_cosine: float | None = None, min_metric: float | None = None, metric=None):
+        self.provider = provider
+        self.threads = threads
+        self.max_error = max_error
+        self.min_cosine = min_cosine
+        self.min_metric = min_metric
+        self.metric = metric
+
+    def run(self, workspace, progress):
+        if not workspace.rewritten:
+            return PassResult(False, "nothing to guard")
+        errors = layer_output_errors(workspace, workspace.guard_feeds, self.provider, self.threads)
+        for decision in workspace.rewritten:
+            decision.output_rel_error = errors[decision.layer.name]
+        rolled = 0
+        if self.max_error is not None:
+            for decision in workspace.rewritten:
+                if decision.output_rel_error > self.max_error:
+                    decision.roll_back(f"its output error {decision.output_rel_error:.3g} is over "
+                                       f"--max-error {self.max_error:g}")
+                    rolled += 1
+        if self.min_cosine is not None or self.min_metric is not None:
+            rolled += self._hold_end_to_end(workspace)
+        if rolled:
+            workspace.model = rewritten_model(workspace) if workspace.rewritten else workspace.canonical
+        return PassResult(rolled > 0, f"{rolled} layers rolled back")
+
+    def _hold_end_to_end(self, workspace: Workspace) -> int:
+        worst_first = sorted(workspace.rewritten, key=lambda d: -d.output_rel_error)
+        if self._holds(workspace, 0, worst_first):
+            return 0
+        low, high = 1, len(worst_first)
+        while low < high:
+            middle = (low + high) // 2
+            if self._holds(workspace, middle, worst_first):
+                high = middle
+            else:
+                low = middle + 1
+        bound = (f"--min-cosine {self.min_cosine:g}" if self.min_cosine is not None
+                 else f"--min-metric {self.min_metric:g}")
+        for decision in worst_first[:low]:
+            decision.roll_back(f"rolled back to meet {bound} (output error {decision.output_rel_error:.3g})")
+        return low
+
+    def _holds(self, workspace: Workspace, count: int, worst_first: list[LayerDecision]) -> bool:
+        from onnx_lowrank import validate
+
+        kept = worst_first[count:]
+        if not kept:
+            return True
+        trial = dataclasses.replace(workspace, decisions={d.layer.name: d for d in kept})
+        result = validate.compare_models(workspace.original, rewritten_model(trial), workspace.guard_feeds,
+                                         provider=self.provider, metric=self.metric, threads=self.threads)
+        cosine = min((o.cosine for o in result.outputs), default=1.0)
+        if self.min_cosine is not None and cosine < self.min_cosine:
+            return False
+        return self.min_metric is None or (result.metric is not None and result.metric >= self.min_metric)
+

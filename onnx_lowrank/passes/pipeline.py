@@ -1,0 +1,80 @@
+"""The default compression pipeline for a set of `Settings`."""
+
+from __future__ import annotations
+
+from onnx_lowrank import ranks
+from onnx_lowrank.config import Settings
+from onnx_lowrank.methods import MethodSet, auto_candidates
+from onnx_lowrank.metrics import load_metric
+from onnx_lowrank.passes.base import Pass, Pipeline
+from onnx_lowrank.passes.budget import BudgetPass
+from onnx_lowrank.passes.factorize import FactorizePass
+from onnx_lowrank.passes.finish import CountPass, ValidatePass
+from onnx_lowrank.passes.guard import GuardPass
+from onnx_lowrank.passes.judge import LatencyJudge
+from onnx_lowrank.passes.prepare import (
+    CanonicalizePass, FindLayersPass, FoldPass, LoadInputsPass, SelectLayersPass,
+)
+from onnx_lowrank.passes.rewrite import RewritePass
+from onnx_lowrank.passes.statistics import DataSpectraPass, OutputGainsPass
+
+__all__ = ["default_pipeline", "inspect_pipeline", "rank_policy"]
+
+
+def rank_policy(settings: Settings):
+    """The per-layer rank policy of the settings (budgets plan ranks in `BudgetPass` instead)."""
+    if settings.rank is not None:
+        return ranks.FixedRank(settings.rank)
+    if settings.energy is not None:
+        return ranks.Snapped(ranks.Energy(settings.energy), settings.rank_multiple)
+    if settings.vbmf:
+        return ranks.Snapped(ranks.VBMF(), settings.rank_multiple)
+    return ranks.RankRatio(settings.rank_ratio or 1.0)
+
+
+def inspect_pipeline() -> Pipeline:
+    """The passes of `inspect`: canonical form and the layers with their costs."""
+    return Pipeline((CanonicalizePass(), FindLayersPass()))
+
+
+def default_pipeline(settings: Settings) -> Pipeline:
+    """The passes `compress` runs for `settings`, in order.
+
+    inputs -> canonicalize -> [fold] -> find layers -> select layers -> [data spectra, output
+    gains: with a budget and calibration data] -> [allocate: with a budget] -> factorize ->
+    rewrite -> [guard: with a bound] -> count -> [validate].
+    """
+    methods = MethodSet(settings)
+    data_aware = settings.calib is not None and settings.data_aware
+    judge = None
+    if settings.latency_aware or settings.target_latency is not None:
+        from onnx_lowrank.latency import LatencyCache
+
+        judge = LatencyJudge(settings.provider, settings.threads, settings.latency_margin, LatencyCache())
+    metric = load_metric(settings.metric) if settings.metric else None
+    passes: list[Pass] = [
+        LoadInputsPass(),
+        CanonicalizePass(),
+        *([FoldPass()] if settings.fold and not settings.keep_structure else []),
+        FindLayersPass(),
+        SelectLayersPass(settings.layers, settings.skip),
+    ]
+    if settings.budget is not None:
+        measure, target = settings.budget
+        names = auto_candidates() if settings.method == "auto" else (settings.method,)
+        if data_aware:
+            passes.append(DataSpectraPass(methods, names))
+            if settings.output_weighting:
+                passes.append(OutputGainsPass())
+        passes.append(BudgetPass(methods, target, measure, names, settings.rank_multiple, judge))
+    passes.append(FactorizePass(methods, settings.method, rank_policy(settings), data_aware=data_aware,
+                                sequential=settings.sequential, refit=settings.refit,
+                                bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge))
+    passes.append(RewritePass())
+    if settings.guarded:
+        passes.append(GuardPass(settings.provider, settings.threads, max_error=settings.max_error,
+                                min_cosine=settings.min_cosine, min_metric=settings.min_metric, metric=metric))
+    passes.append(CountPass())
+    if settings.validate:
+        passes.append(ValidatePass(settings.provider, settings.latency, settings.threads, metric=metric))
+    return Pipeline(passes)

@@ -1,0 +1,134 @@
+"""The passes that prepare a model for factorization: inputs, canonical form, folds, layers."""
+
+from __future__ import annotations
+
+import re
+
+from onnx_lowrank import inputs
+from onnx_lowrank.errors import InputError
+from onnx_lowrank.fold import fold_elementwise
+from onnx_lowrank.graph import LAYER_OPS, canonicalize, find_layers, infer_shapes, model_totals
+from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
+
+__all__ = ["CanonicalizePass", "FindLayersPass", "FoldPass", "LoadInputsPass", "SelectLayersPass"]
+
+
+class LoadInputsPass(Pass):
+    """Load the feeds each later step reads, once each.
+
+    Calibration (`--calib`) feeds the data-aware fit; the guard checks its bounds on the
+    calibration inputs too (random inputs without them), never on the evaluation inputs; the
+    validation scores `--eval` when given (a held-out number), else the calibration inputs, else
+    random inputs (`--seed`).
+    """
+
+    name = "inputs"
+    requires = ("model",)
+    provides = ("calibration", "checks")
+
+    def run(self, workspace, progress):
+        settings = workspace.settings
+        loaded: dict[str | None, list[dict]] = {}
+
+        def feeds(path: str | None) -> list[dict]:
+            if path not in loaded:
+                loaded[path] = _load(workspace.original, settings, workspace.pinned, path)
+            return loaded[path]
+
+        if settings.calib is not None and settings.data_aware:
+            workspace.calibration = feeds(settings.calib)
+        if settings.guarded:
+            workspace.guard_feeds = feeds(settings.calib)
+        if settings.validate:
+            workspace.eval_feeds = feeds(settings.eval if settings.eval is not None else settings.calib)
+        return PassResult(False, ", ".join(f"{len(f)} feeds from {p or 'random inputs'}" for p, f in loaded.items())
+                          or "no inputs needed")
+
+
+def _load(model, settings, pinned, path: str | None) -> list[dict]:
+    """Inputs from an .npz or image folder at `path`, else random inputs with the settings' seed."""
+    specs = inputs.input_specs(model)
+    if path is not None:
+        return inputs.load_calibration(path, specs, shapes=pinned, count=settings.calib_count,
+                                       batch_size=settings.batch_size, image_options=settings.image_options())
+    shapes = inputs.resolve_shapes(specs, pinned)
+    return inputs.random_feeds(specs, shapes, count=settings.calib_count, seed=settings.seed)
+
+
+class CanonicalizePass(Pass):
+    """Constant weights -> initializers, auto_pad -> explicit pads, every node named."""
+
+    name = "canonicalize"
+    requires = ("model",)
+    provides = ("canonical",)
+
+    def run(self, workspace, progress):
+        workspace.model = workspace.canonical = canonicalize(workspace.model)
+        return PassResult(True, "weights as initializers, explicit pads, named nodes")
+
+
+class FoldPass(Pass):
+    """Fold per-channel affine nodes into the convolutions beside them and fuse hard-swish
+    chains (`fold.fold_elementwise`): exact, and fewer passes over the activations."""
+
+    name = "fold"
+    requires = ("canonical",)
+    provides = ("canonical",)
+
+    def run(self, workspace, progress):
+        workspace.model, workspace.folds = fold_elementwise(workspace.canonical)
+        workspace.canonical = workspace.model
+        return PassResult(workspace.folds.total > 0, workspace.folds.describe())
+
+
+class FindLayersPass(Pass):
+    """Infer shapes (pinned by --input-shape) and list every layer with its cost."""
+
+    name = "find layers"
+    requires = ("canonical",)
+    provides = ("layers",)
+
+    def run(self, workspace, progress):
+        model = workspace.canonical
+        need = {t for n in model.graph.node if n.op_type in LAYER_OPS
+                for t in (*n.input[:1], *n.input[1:2], n.output[0])}
+        workspace.shapes = infer_shapes(model, workspace.pinned, need=need, seed=workspace.settings.seed)
+        workspace.layers = find_layers(model, workspace.shapes)
+        workspace.totals_before = model_totals(workspace.layers)
+        workspace.decisions = {layer.name: LayerDecision(layer, reason=layer.skip_reason)
+                               for layer in workspace.layers}
+        candidates = sum(layer.candidate for layer in workspace.layers)
+        return PassResult(False, f"{len(workspace.layers)} layers, {candidates} candidates")
+
+
+class SelectLayersPass(Pass):
+    """Keep the candidates whose name matches `--layers` and not `--skip` (regular expressions)."""
+
+    name = "select layers"
+    requires = ("layers",)
+
+    def __init__(self, include: str | None, exclude: str | None):
+        self.include = _compile(include, "--layers")
+        self.exclude = _compile(exclude, "--skip")
+
+    def run(self, workspace, progress):
+        dropped = 0
+        for decision in workspace.candidates:
+            name = decision.layer.name
+            if self.include is not None and not self.include.search(name):
+                decision.reason = "not selected by --layers"
+            elif self.exclude is not None and self.exclude.search(name):
+                decision.reason = "excluded by --skip"
+            else:
+                continue
+            dropped += 1
+        return PassResult(dropped > 0, f"{dropped} candidates left out by --layers/--skip")
+
+
+def _compile(pattern: str | None, flag: str):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"{flag}: not a valid regular expression '{pattern}' ({exc})") from None

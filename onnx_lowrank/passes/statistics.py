@@ -1,0 +1,107 @@
+"""Passes that measure the original model on calibration inputs for the budget allocator."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from onnx_lowrank import calibrate
+from onnx_lowrank.graph import infer_shapes
+from onnx_lowrank.methods import MethodSet
+from onnx_lowrank.passes.base import Pass, PassResult
+
+__all__ = ["DataSpectraPass", "OutputGainsPass", "gain_samples"]
+
+#: Calibration samples `OutputGainsPass` perturbs: gains are averages, a few samples suffice
+#: when the outputs have many independent numbers per sample ...
+GAIN_SAMPLES = 8
+#: ... otherwise as many as give this many numbers in all (a two-class classifier: 64 samples) ...
+GAIN_FREEDOM = 64
+#: ... up to this many.
+MAX_GAIN_SAMPLES = 64
+
+
+class DataSpectraPass(Pass):
+    """Measure every candidate layer's error-versus-rank in output units on calibration data.
+
+    One walk over the ORIGINAL model (independent statistics) gives each layer's input second
+    moments, from which each method serving it reads whitened spectra (`Method.spectra` with
+    statistics); the budget allocator then spends the budget where the OUTPUT error per MAC
+    saved is smallest, not the weight error.
+    """
+
+    name = "data spectra"
+    requires = ("layers", "calibration")
+    provides = ("spectra",)
+
+    def __init__(self, methods: MethodSet, method_names: Sequence[str]):
+        self.methods = methods
+        self.method_names = tuple(method_names)
+
+    def run(self, workspace, progress):
+        todo = {d.layer.name: d.layer for d in workspace.candidates if d.layer.subgraph is None}
+
+        def visit(layer, xs, xts):
+            serving = [self.methods.serving(name, layer) for name in self.method_names]
+            serving = [m for m in serving if m.uses_data(layer) and m.not_applicable(layer) is None]
+            if layer.name in todo and serving:
+                moments = calibrate.layer_moments(layer, xs, None)
+                workspace.spectra[layer.name] = {m.name: m.spectra(layer, moments) for m in serving}
+            return None
+
+        calibrate.walk_layers(workspace.canonical, list(todo.values()), workspace.calibration, visit,
+                              sequential=False, progress=progress)
+        return PassResult(False, f"output-error spectra of {len(workspace.spectra)} layers")
+
+
+class OutputGainsPass(Pass):
+    """Measure how strongly each candidate layer's output error reaches the model's outputs.
+
+    `calibrate.output_gains` perturbs each layer's output by relative noise on a few calibration
+    batches and measures the relative change of the model's outputs; the budget allocator then
+    weighs each layer's error curve by that gain, so layers near a head (or feeding a sensitive
+    branch) are cut less than layers whose errors the rest of the model damps.
+    """
+
+    name = "output gains"
+    requires = ("layers", "calibration")
+    provides = ("gains",)
+
+    def run(self, workspace, progress):
+        todo = [d.layer for d in workspace.candidates if d.layer.subgraph is None]
+        measured = set(calibrate.measured_outputs(workspace.canonical))
+        shapes = workspace.shapes
+        if not measured <= shapes.keys():   # e.g. logits behind a Reshape that inference cannot follow
+            shapes = infer_shapes(workspace.canonical, workspace.pinned, need=measured, seed=workspace.settings.seed)
+        freedom = calibrate.output_freedom(workspace.canonical, shapes)
+        feeds, samples = _first_samples(workspace.calibration, gain_samples(freedom))
+        gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress)
+        for name, gain in gains.items():
+            workspace.decisions[name].output_gain = gain
+        spread = f" (from {min(gains.values()):.3g} to {max(gains.values()):.3g})" if gains else ""
+        return PassResult(False, f"output gains of {len(gains)} layers{spread}, on {samples} samples")
+
+
+def gain_samples(freedom: int | None) -> int:
+    """Samples to perturb for output gains, given the outputs' independent numbers per sample.
+
+    Each sample's output change is a draw whose squared size has about `freedom` degrees of
+    freedom, so a gain's relative spread is about ``sqrt(2 / (samples · freedom))``, at most
+    ``sqrt(2 / GAIN_FREEDOM)`` ≈ 18 % below the cap:
+    ``samples = clip(ceil(GAIN_FREEDOM / freedom), GAIN_SAMPLES, MAX_GAIN_SAMPLES)``.
+    """
+    if not freedom:
+        return GAIN_SAMPLES
+    return min(MAX_GAIN_SAMPLES, max(GAIN_SAMPLES, math.ceil(GAIN_FREEDOM / freedom)))
+
+
+def _first_samples(feeds: Sequence[dict], samples: int) -> tuple[list[dict], int]:
+    """The leading feeds (whole batches) that hold at least `samples` samples on axis 0 (all of
+    them when they hold fewer), and how many samples they hold."""
+    chosen, count = [], 0
+    for feed in feeds:
+        if count >= samples:
+            break
+        chosen.append(feed)
+        count += len(next(iter(feed.values())))
+    return chosen, count
