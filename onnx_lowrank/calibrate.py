@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.costs import conv_output_shape
+from onnx_lowrank.factorize import moments
 from onnx_lowrank.graph import Layer, onnx_opset
 from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
@@ -334,12 +335,10 @@ def _centred(value: np.ndarray, centring: Centring) -> np.ndarray:
 
 def _conv_pads(layer: Layer, x: np.ndarray) -> tuple[int, ...]:
     """The conv's explicit pads for the input `x` (a SAME `auto_pad` resolved for its size)."""
-    from onnx_lowrank.factorize import data
-
     conv = layer.conv
     if conv.pads is not None:
         return conv.pads
-    return data.same_pads(x.shape[2:], conv.kernel_shape, conv.strides, conv.dilations, conv.auto_pad)
+    return moments.same_pads(x.shape[2:], conv.kernel_shape, conv.strides, conv.dilations, conv.auto_pad)
 
 
 def vector_count(layer: Layer, x: np.ndarray) -> int:
@@ -366,11 +365,9 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
     Conv: im2col patches per group (`D = (S/g)·Πk`); Gemm: rows of `op(A)`; MatMul with the
     weight on the right: rows of `x` (`[..., K]` flattened); on the left: columns of `x`.
     """
-    from onnx_lowrank.factorize import data
-
     if layer.op == "Conv":
         conv = layer.conv
-        yield from data.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, _conv_pads(layer, x),
+        yield from moments.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, _conv_pads(layer, x),
                                      conv.group, max_rows=max_rows)
         return
     if layer.op == "Gemm":
@@ -393,9 +390,7 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
     same positions in `xs` and `xts`, seeded by the layer's name: neighbouring patches are
     strongly correlated, so the subset estimates the moments as well at a fraction of the cost.
     """
-    from onnx_lowrank.factorize import data
-
-    moments = data.Moments()
+    accumulated = moments.Moments()
     rng = np.random.default_rng(zlib.crc32(layer.name.encode()))
     keep = None
     for index, x in enumerate(xs):
@@ -408,5 +403,5 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
             chunks = zip(originals, layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True)
         for p, pt in chunks:
             chosen = rng.random(p.shape[1]) < keep if keep < 1.0 else slice(None)
-            moments.add(p[:, chosen], None if pt is None else pt[:, chosen])
-    return moments
+            accumulated.add(p[:, chosen], None if pt is None else pt[:, chosen])
+    return accumulated

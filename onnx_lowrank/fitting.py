@@ -14,7 +14,8 @@ import dataclasses
 import numpy as np
 
 from onnx_lowrank import factorize
-from onnx_lowrank.factorize import data
+from onnx_lowrank.factorize import refit as refits
+from onnx_lowrank.factorize.whiten import shrinkage
 from onnx_lowrank.factorize.base import NumericalError, relative_error
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.methods import Method
@@ -45,7 +46,7 @@ def fit_layer(layer: Layer, method: Method, ranks: tuple[int, ...] | None = None
 
     Ranks: `ranks` when given, else those `policy` picks from the method's full ranks (and weight
     spectra when the policy reads them); unranked methods have none. With `stats` (the layer's
-    input moments, `factorize.data.Moments`), the factorization minimises the layer's OUTPUT
+    input moments, `factorize.moments.Moments`), the factorization minimises the layer's OUTPUT
     error on the calibration inputs, then (`refit`, `bias_correction`) the last stage is refit and
     the bias shifted (`refit_chain`). A numerical failure (`factorize.NumericalError`, numpy's
     `LinAlgError`) skips the layer with its reason; any other exception is a bug and propagates.
@@ -72,21 +73,21 @@ def fit_layer(layer: Layer, method: Method, ranks: tuple[int, ...] | None = None
 
 def refit_chain(layer: Layer, chain: Chain, moments, refit: bool, bias_correction: bool) -> Chain:
     """The chain with its last stage refit by least squares against the original output and the
-    bias shifted by the remaining mean output difference (`factorize.data.refit_chain` /
+    bias shifted by the remaining mean output difference (`factorize.refit.refit_chain` /
     `refit_matrix`; ridge `RIDGE` plus the moments' shrinkage)."""
     stages = list(chain.stages)
-    ridge = RIDGE + data.shrinkage(moments)
+    ridge = RIDGE + shrinkage(moments)
     if layer.op in ("Gemm", "MatMul"):
         if layer.weight_side == "left":
             return chain  # W·X: a refit would need the output's columns; left as fitted
         # MatMul has no bias input to shift; Gemm with beta = 0 ignores C.
         with_bias = bias_correction and layer.op == "Gemm" and layer.gemm.beta != 0
-        last, delta = data.refit_matrix(layer.matrix(), stages[0].weight, moments, ridge=ridge, refit=refit,
+        last, delta = refits.refit_matrix(layer.matrix(), stages[0].weight, moments, ridge=ridge, refit=refit,
                                         Q=stages[-1].weight, with_bias=with_bias)
     else:
         with_bias = bias_correction
         convs, orders = _conv_stages(chain)
-        last, delta = data.refit_chain([s.weight for s in convs], [s.group for s in convs], convs[-1].group,
+        last, delta = refits.refit_chain([s.weight for s in convs], [s.group for s in convs], convs[-1].group,
                                        layer.conv.group, moments, layer.weight, input_orders=orders, ridge=ridge,
                                        refit=refit, with_bias=with_bias)
         last = last.reshape(convs[-1].weight.shape)

@@ -239,9 +239,6 @@ class FixedRank:
         """``r_i = min(rank, full_i)``; `spectra` is ignored."""
         return tuple(min(self.rank, f) for f in full)
 
-    def describe(self) -> dict:
-        """The policy's settings for the report."""
-        return {"rank": self.rank}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,9 +257,6 @@ class RankRatio:
         """``r_i = max(1, min(full_i, ceil(ratio · full_i)))``; `spectra` is ignored."""
         return tuple(max(1, min(f, math.ceil(self.ratio * f - 1e-9))) for f in full)
 
-    def describe(self) -> dict:
-        """The policy's settings for the report."""
-        return {"rank_ratio": self.ratio}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,9 +273,6 @@ class Snapped:
         inner = self.policy.ranks(full, spectra)
         return tuple(snap(r, self.multiple, f) for r, f in zip(inner, full, strict=True))
 
-    def describe(self) -> dict:
-        """The inner policy's settings and the multiple."""
-        return {**self.policy.describe(), "rank_multiple": self.multiple}
 
 
 def _check_spectra(policy: str, full, spectra) -> tuple[ModeSpectrum, ...]:
@@ -331,9 +322,6 @@ class Energy:
             out.append(max(1, min(f, r)))
         return tuple(out)
 
-    def describe(self) -> dict:
-        """The policy's settings for the report."""
-        return {"energy": self.fraction}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,9 +478,6 @@ class VBMF:
         spectra = _check_spectra("VBMF", full, spectra)
         return tuple(max(1, min(f, evbmf(s).rank)) for f, s in zip(full, spectra))
 
-    def describe(self) -> dict:
-        """The policy's settings for the report."""
-        return {"vbmf": True}
 
 
 RankPolicy = FixedRank | RankRatio | Energy | VBMF

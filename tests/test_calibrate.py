@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import conv_model, fit, make_model, prepared, relative_error, run
 from onnx_lowrank import api, calibrate
 from onnx_lowrank.config import Settings
-from onnx_lowrank.factorize import data
+from onnx_lowrank.factorize.moments import Moments
 from onnx_lowrank.passes import OutputGainsPass
 from onnx_lowrank.passes.statistics import MAX_GAIN_SAMPLES, gain_samples
 from onnx_lowrank.ranks import FixedRank
@@ -124,7 +124,7 @@ def test_bias_correction_and_refit_each_help(tmp_path, rng):
 
 
 def test_moments_do_not_grow_with_the_calibration_set(rng):
-    small, large = data.Moments(), data.Moments()
+    small, large = Moments(), Moments()
     for count, moments in ((2, small), (40, large)):
         for _ in range(count):
             moments.add(rng.standard_normal((1, 64, 9)))

@@ -367,21 +367,6 @@ def test_zero_kernel_factors_to_zero():
         assert not np.any(factors.to_tensor())
 
 
-def test_public_surface():
-    assert set(factorize.__all__) >= {
-        "truncated_svd",
-        "channel_svd",
-        "spatial_svd",
-        "tiled_svd",
-        "tucker2",
-        "hosvd_error_bound",
-        "cp",
-        "cp_depthwise",
-    }
-    for name in factorize.__all__:
-        assert getattr(factorize, name).__doc__
-
-
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -66,8 +66,6 @@ def test_fixed_policies_unchanged_and_ignore_spectra():
     assert FixedRank(4).ranks((10,), spectra) == (4,)
     assert RankRatio(0.5).ranks((10, 3, 1)) == (5, 2, 1)
     assert RankRatio(0.5).ranks((10,), spectra) == (5,)
-    assert FixedRank(4).describe() == {"rank": 4}
-    assert RankRatio(0.25).describe() == {"rank_ratio": 0.25}
 
 
 # --- ModeSpectrum --------------------------------------------------------------------------------
@@ -99,7 +97,6 @@ def test_energy_hand_made_spectrum():
     assert Energy(0.95).ranks((4,), spectra) == (3,)      # 21/22 = 0.955
     assert Energy(1.0).ranks((4,), spectra) == (4,)
     assert Energy(1.0).ranks((2,), spectra) == (2,)       # capped at the full rank
-    assert Energy(0.9).describe() == {"energy": 0.9}
 
 
 def test_energy_pools_groups_and_handles_each_mode():
@@ -195,7 +192,6 @@ def test_vbmf_tucker2_modes_of_a_planted_kernel():
     spectra = (ModeSpectrum(singular_values(out_mode), out_mode.shape),
                ModeSpectrum(singular_values(in_mode), in_mode.shape))
     assert VBMF().ranks((t, s), spectra) == (rt, rs)
-    assert VBMF().describe() == {"vbmf": True}
     with pytest.raises(ValueError, match="needs the singular values"):
         VBMF().ranks((t, s))
 

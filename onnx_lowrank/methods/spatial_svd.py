@@ -3,13 +3,13 @@
 Per group, `M[(s, i), (t, j)] = W[t, s, i, j]` (`(S/g)·kh x (T/g)·kw`) is truncated to rank r:
 the first Conv `[g·r, S/g, kh, 1]` takes the stride, dilation and pads of H, the second
 `[T, r, 1, kw]` those of W and the bias. With calibration statistics the rows are whitened by
-the vertical patches' second moments (`factorize.data.whitened_spatial_svd`).
+the vertical patches' second moments (`factorize.whiten.whitened_spatial_svd`).
 """
 
 from __future__ import annotations
 
 from onnx_lowrank import factorize
-from onnx_lowrank.factorize import data, spectra
+from onnx_lowrank.factorize import spectra, whiten
 from onnx_lowrank.methods.base import ConvMethod, placeholder, spectrum_of
 from onnx_lowrank.rewrite.chain import Chain, ConvStage
 
@@ -46,10 +46,10 @@ class SpatialSVD(ConvMethod):
         g = layer.conv.group
         if stats is None:
             return (spectrum_of(spectra.spatial_spectra(layer.weight, g), self._shape(layer)),)
-        fitted = data.whitened_spatial_svd(layer.weight, g, 1, stats, eps=data.shrinkage(stats))
+        fitted = whiten.whitened_spatial_svd(layer.weight, g, 1, stats, eps=whiten.shrinkage(stats))
         return (spectrum_of(fitted.singular_values, self._shape(layer)),)
 
     def factor_kernel(self, kernel, groups, ranks, stats=None):
         if stats is None:
             return factorize.spatial_svd(kernel, ranks[0], groups=groups)
-        return data.whitened_spatial_svd(kernel, groups, ranks[0], stats, eps=data.shrinkage(stats))
+        return whiten.whitened_spatial_svd(kernel, groups, ranks[0], stats, eps=whiten.shrinkage(stats))

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from onnx_lowrank import factorize
-from onnx_lowrank.factorize import data, spectra
+from onnx_lowrank.factorize import spectra, whiten
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.methods.base import ConvMethod, placeholder, spectrum_of, swap_channels
 from onnx_lowrank.ranks import ModeSpectrum
@@ -82,7 +82,7 @@ class ChannelSVD(ConvMethod):
         shape = (t // g, s_g * math.prod(kernel))
         if stats is None:
             return (ModeSpectrum(tuple(spectra.lowered_spectra(layer.weight, g)), shape),)
-        fitted = data.whitened_channel_svd(layer.weight, g, 1, stats, eps=data.shrinkage(stats))
+        fitted = whiten.whitened_channel_svd(layer.weight, g, 1, stats, eps=whiten.shrinkage(stats))
         return (spectrum_of(fitted.singular_values, shape),)
 
     def weights(self, layer, ranks, stats=None):
@@ -97,7 +97,7 @@ class ChannelSVD(ConvMethod):
     def factor_kernel(self, kernel, groups, ranks, stats=None):
         if stats is None:
             return factorize.channel_svd(kernel, ranks[0], groups=groups)
-        return data.whitened_channel_svd(kernel, groups, ranks[0], stats, eps=data.shrinkage(stats))
+        return whiten.whitened_channel_svd(kernel, groups, ranks[0], stats, eps=whiten.shrinkage(stats))
 
 
 
@@ -111,9 +111,9 @@ def whitened_matrix(layer: Layer, stats, rank: int):
     """
     matrix = layer.matrix()
     lowered = matrix if layer.weight_side == "left" else matrix.T
-    eps = data.shrinkage(stats)
-    sigma, target = data.target_and_sigma(lowered, stats, 0, eps=eps)
-    return data.whitened_svd(lowered, sigma, rank, target=target, eps=eps)
+    eps = whiten.shrinkage(stats)
+    sigma, target = whiten.target_and_sigma(lowered, stats, 0, eps=eps)
+    return whiten.whitened_svd(lowered, sigma, rank, target=target, eps=eps)
 
 
 def _matrix_weights(layer: Layer, rank: int, stats) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 from onnx_lowrank import factorize
-from onnx_lowrank.factorize import data, spectra
+from onnx_lowrank.factorize import spectra, whiten
 from onnx_lowrank.methods.base import ConvMethod, placeholder, spectrum_of
 from onnx_lowrank.rewrite.chain import Chain, ConvStage, ShuffleStage
 
@@ -59,10 +59,10 @@ class TiledSVD(ConvMethod):
         """Per tile (i, j), the singular values of its lowered block (whitened with `stats`)."""
         if stats is None:
             return (spectrum_of(spectra.tile_spectra(layer.weight, self.tiles), self._shape(layer)),)
-        fitted = data.whitened_tiled_svd(layer.weight, self.tiles, 1, stats, eps=data.shrinkage(stats))
+        fitted = whiten.whitened_tiled_svd(layer.weight, self.tiles, 1, stats, eps=whiten.shrinkage(stats))
         return (spectrum_of([v for row in fitted.singular_values for v in row], self._shape(layer)),)
 
     def factor_kernel(self, kernel, groups, ranks, stats=None):
         if stats is None:
             return factorize.tiled_svd(kernel, self.tiles, ranks[0], groups=groups)
-        return data.whitened_tiled_svd(kernel, self.tiles, ranks[0], stats, eps=data.shrinkage(stats))
+        return whiten.whitened_tiled_svd(kernel, self.tiles, ranks[0], stats, eps=whiten.shrinkage(stats))

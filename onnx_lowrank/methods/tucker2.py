@@ -5,7 +5,7 @@
 A ConvTranspose `W[s, t, k] ≈ Σ V[s, rs] G[rs, rt, k] U[t, rt]` keeps the transposed core
 between the two pointwise convolutions. With calibration statistics the output factor is the
 PCA of the layer's output and the input factor that of its input channels
-(`factorize.data.data_tucker2`). Error curves use the HOSVD bound (De Lathauwer et al. 2000).
+(`factorize.whiten.data_tucker2`). Error curves use the HOSVD bound (De Lathauwer et al. 2000).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from onnx_lowrank import factorize
-from onnx_lowrank.factorize import data, spectra
+from onnx_lowrank.factorize import spectra, whiten
 from onnx_lowrank.methods.base import ConvMethod, conv_layout, placeholder, spectrum_of, swap_channels
 from onnx_lowrank.ranks import ModeSpectrum, rank_grid, tucker_error_curve
 from onnx_lowrank.rewrite.chain import Chain, ConvStage
@@ -60,7 +60,7 @@ class Tucker2(ConvMethod):
         input_mode = ModeSpectrum(tuple(spectra.input_mode_spectra(weight, g)), (s_g, t // g * taps))
         if stats is None:
             return output_mode, input_mode
-        fitted = data.data_tucker2(layer.weight, g, (1, 1), stats, eps=data.shrinkage(stats)).mode_spectra
+        fitted = whiten.data_tucker2(layer.weight, g, (1, 1), stats, eps=whiten.shrinkage(stats)).mode_spectra
         return spectrum_of([out for out, _ in fitted], output_mode.shape), input_mode
 
     def error_curve(self, layer, spectra, multiple):
@@ -86,4 +86,4 @@ class Tucker2(ConvMethod):
     def factor_kernel(self, kernel, groups, ranks, stats=None):
         if stats is None:
             return factorize.tucker2(kernel, ranks, groups=groups)
-        return data.data_tucker2(kernel, groups, ranks, stats, eps=data.shrinkage(stats))
+        return whiten.data_tucker2(kernel, groups, ranks, stats, eps=whiten.shrinkage(stats))
