@@ -117,7 +117,7 @@ class Settings:
 
     def image_options(self):
         """How a folder of images given as --calib becomes model input."""
-        from onnx_lowrank.inputs import ImageOptions
+        from onnx_lowrank.images import ImageOptions
 
         return ImageOptions(resize=self.resize, mean=self.mean, std=self.std, layout=self.layout,
                             channel_order=self.channel_order)

@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.images import ImageOptions
 from onnx_lowrank.inputs import (
-    ImageOptions,
     InputSpec,
     input_specs,
     load_calibration,

@@ -16,16 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnx_lowrank.allocation import Allocation, LayerOptions, Option, allocate
 from onnx_lowrank.ranks import (
     VBMF,
-    Allocation,
     Energy,
     FixedRank,
-    LayerOptions,
     ModeSpectrum,
-    Option,
     RankRatio,
-    allocate,
     evbmf,
     rank_grid,
     snap,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnx_lowrank import ranks
+from onnx_lowrank import allocation as alloc
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.graph import Layer
 from onnx_lowrank.methods import MethodSet
@@ -32,7 +32,7 @@ class BudgetPass(Pass):
     read off the spectra (`Method.error_curve`: Eckart–Young for SVDs, the HOSVD bound for
     Tucker-2), or, with calibration data, their relative squared output error (`DataSpectraPass`)
     times the layer's output gain (`OutputGainsPass`), i.e. the error they cause at the model's
-    outputs. `ranks.allocate` picks one option or "dense" per layer so the whole model keeps at
+    outputs. `allocation.allocate` picks one option or "dense" per layer so the whole model keeps at
     most `target` of its cost, with the least total error.
 
     With a latency judge (`--latency-aware`), a MAC or parameter budget is spent only on options
@@ -66,7 +66,7 @@ class BudgetPass(Pass):
             total = workspace.totals_before[self.measure]
         fixed = total - sum(o.dense_cost for o in options)
         flag = f"--target-{self.measure}"
-        allocation = ranks.allocate(options, self.target * total - fixed)
+        allocation = alloc.allocate(options, self.target * total - fixed)
         timed = (" and only chains measured faster than their layers (--latency-aware)"
                  if self.judge is not None and self.measure != "latency" else "")
         if not allocation.feasible:
@@ -76,7 +76,7 @@ class BudgetPass(Pass):
                              f"in steps of {self.multiple}{timed} (a smaller --rank-multiple reaches lower)")
         if (fixed + allocation.cost) / total < self.target - TARGET_TOLERANCE:
             # The rank grid is coarse: allow the upper half of the band rather than undershoot.
-            allocation = ranks.allocate(options, (self.target + TARGET_TOLERANCE) * total - fixed)
+            allocation = alloc.allocate(options, (self.target + TARGET_TOLERANCE) * total - fixed)
         kept = (fixed + allocation.cost) / total
         if abs(kept - self.target) > TARGET_TOLERANCE:
             raise InputError(f"{flag} {self.target:g}: with ranks in steps of {self.multiple}{timed} the closest "
@@ -91,13 +91,13 @@ class BudgetPass(Pass):
                 decision.method, decision.ranks = choice.payload
         return PassResult(True, f"{flag} {self.target:g}: planned {kept:.3f}")
 
-    def _options(self, layer: Layer, workspace, gain: float = 1.0) -> ranks.LayerOptions:
+    def _options(self, layer: Layer, workspace, gain: float = 1.0) -> alloc.LayerOptions:
         """The layer's options of every method on the rank grid: cost below the dense layer's,
         error `gain ·` the method's error curve (data spectra when measured, else the weight's).
         The spectra used are recorded in `workspace.curves` for the report's plots."""
         dense = layer.params if self.measure == "params" else layer.macs
         measured = workspace.spectra.get(layer.name, {})
-        found: dict[tuple, ranks.Option] = {}
+        found: dict[tuple, alloc.Option] = {}
         for name in self.method_names:
             method = self.methods.serving(name, layer)
             if method.not_applicable(layer) is not None:
@@ -108,21 +108,21 @@ class BudgetPass(Pass):
                 macs, params = method.costs(layer, rank_tuple)
                 cost = params if self.measure == "params" else macs
                 if cost < dense:
-                    found.setdefault((method.name, rank_tuple), ranks.Option(cost, gain * error, (method.name, rank_tuple)))
-        return ranks.LayerOptions(layer.name, dense, list(found.values()))
+                    found.setdefault((method.name, rank_tuple), alloc.Option(cost, gain * error, (method.name, rank_tuple)))
+        return alloc.LayerOptions(layer.name, dense, list(found.values()))
 
-    def _timed(self, layer: Layer, options: ranks.LayerOptions) -> ranks.LayerOptions:
+    def _timed(self, layer: Layer, options: alloc.LayerOptions) -> alloc.LayerOptions:
         """The options measured faster than the layer. Per method, the layer and up to
         `LATENCY_PROBES` chains spread over the MAC range are timed (`LatencyJudge`'s profiler),
         the other options' latencies interpolated in MACs between them, and options not faster
         than the original by the judge's margin dropped. For a latency budget their cost becomes
         the milliseconds; other budgets keep their cost."""
-        def macs(option: ranks.Option) -> int:
+        def macs(option: alloc.Option) -> int:
             if self.measure != "params":  # `_options` costed it in MACs already
                 return option.cost
             return self.methods[option.payload[0]].costs(layer, option.payload[1])[0]
 
-        by_method: dict[str, list[tuple[int, ranks.Option]]] = {}
+        by_method: dict[str, list[tuple[int, alloc.Option]]] = {}
         for option in options.options:
             by_method.setdefault(option.payload[0], []).append((macs(option), option))
         in_ms = self.measure == "latency"
@@ -140,7 +140,7 @@ class BudgetPass(Pass):
             for option_macs, option in group:
                 ms = float(np.interp(option_macs, measured_macs[order], measured_ms[order]))
                 if ms < dense * (1 - self.judge.margin):
-                    timed.append(ranks.Option(ms if in_ms else option.cost, option.error, option.payload))
+                    timed.append(alloc.Option(ms if in_ms else option.cost, option.error, option.payload))
         if dense is None and in_ms:  # no option to time: the layer's own latency still counts
             dense = self.judge.profile(layer, []).original.median_ms
-        return ranks.LayerOptions(layer.name, dense if in_ms else options.dense_cost, timed)
+        return alloc.LayerOptions(layer.name, dense if in_ms else options.dense_cost, timed)
