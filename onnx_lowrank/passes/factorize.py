@@ -66,7 +66,8 @@ class FactorizePass(Pass):
             for decision in progress(list(workspace.rewritten), len(workspace.rewritten), "timing layers"):
                 self.judge(decision)
         done = len(workspace.rewritten)
-        return PassResult(done > 0, f"{done} of {len(todo)} layers factorized ({mode})")
+        processes = f" in {self.jobs} processes" if self.jobs > 1 else ""
+        return PassResult(done > 0, f"{done} of {len(todo)} layers factorized ({mode}){processes}")
 
     def _method(self, decision: LayerDecision):
         return self.methods.serving(decision.method or self.method, decision.layer)
