@@ -697,7 +697,7 @@ def layer_output_errors(workspace: Workspace, feeds: Sequence[dict], provider: s
     One onnxruntime run of the canonical model with every chain attached beside its layer gives
     all of them at once, without the errors of earlier layers mixed in.
     """
-    from onnx_lowrank import validate
+    from onnx_lowrank import runtime
 
     graph = gs.import_onnx(workspace.canonical)
     nodes = {node.name: node for node in graph.nodes}
@@ -712,7 +712,7 @@ def layer_output_errors(workspace: Workspace, feeds: Sequence[dict], provider: s
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     probe = _with_model_fields(workspace.canonical, gs.export_onnx(graph, do_type_check=False),
                                workspace.settings)
-    session = validate.make_session(probe, provider, threads)
+    session = runtime.make_session(probe, provider, threads, produced=True, label="the layer-error probe")
     residual = dict.fromkeys(pairs, 0.0)
     energy = dict.fromkeys(pairs, 0.0)
     for feed in feeds:
@@ -784,14 +784,15 @@ class GuardPass(Pass):
         return low
 
     def _holds(self, workspace: Workspace, count: int, worst_first: list[LayerDecision]) -> bool:
-        from onnx_lowrank import validate
+        from onnx_lowrank import compare
 
         kept = worst_first[count:]
         if not kept:
             return True
         trial = dataclasses.replace(workspace, decisions={d.layer.name: d for d in kept})
-        result = validate.compare_models(workspace.original, rewritten_model(trial), self.feeds,
-                                         provider=self.provider, metric=self.metric, threads=self.threads)
+        result = compare.compare_models(workspace.original, rewritten_model(trial), self.feeds,
+                                        provider=self.provider, metric=self.metric, threads=self.threads,
+                                        candidate_produced=True)
         cosine = min((o.cosine for o in result.outputs), default=1.0)
         if self.min_cosine is not None and cosine < self.min_cosine:
             return False
@@ -860,13 +861,15 @@ class ValidatePass(Pass):
         self.metric = metric
 
     def run(self, workspace, progress):
-        from onnx_lowrank import validate
+        from onnx_lowrank import compare, timing as timed
 
-        result = validate.compare_models(workspace.original, workspace.model, self.feeds,
-                                         provider=self.provider, metric=self.metric, threads=self.threads)
+        result = compare.compare_models(workspace.original, workspace.model, self.feeds,
+                                        provider=self.provider, metric=self.metric, threads=self.threads,
+                                        candidate_produced=True)
         if self.latency:
-            timing = validate.compare_latency(workspace.original, workspace.model, self.feeds[0],
-                                              provider=self.provider, threads=self.threads)
+            timing = timed.compare_latency(workspace.original, workspace.model, self.feeds[0],
+                                           provider=self.provider, threads=self.threads,
+                                           candidate_produced=True)
             result = dataclasses.replace(result, latency_before=timing.before,
                                          latency_after=timing.after, speedup=timing.speedup)
         workspace.validation = result
