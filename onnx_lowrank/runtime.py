@@ -209,14 +209,14 @@ def _preload_cuda_libraries() -> str:
     return printed.getvalue()
 
 
-def _probe_model() -> bytes:
-    """A one-node float model (``y = relu(x)``) to try a provider with."""
+def _probe_model(ir_version: int = 8) -> bytes:
+    """A one-node float model, ``y = relu(x)`` on 4 values, to try a provider or an IR version with."""
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "provider_probe",
+        [helper.make_node("Relu", ["x"], ["y"])], "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model.ir_version = ir_version
     return model.SerializeToString()
 
 
@@ -440,7 +440,7 @@ def make_session(model: ModelLike | Session, provider: str | ProviderChoice = "a
         threads: intra-op threads (``None``: onnxruntime's default).
         produced: True when the tool produced the model (its failures are `InternalError`),
             False for the user's model (`InputError`). Every call site says which.
-        label: how errors name the model (default: its path, or "the in-memory model").
+        label: how errors name the model (default: its path, else "the model").
         timing: a session for timing (see `execution_providers`).
         optimize: all graph optimisations (``ORT_ENABLE_ALL``), else none (``ORT_DISABLE_ALL``).
 
@@ -453,35 +453,32 @@ def make_session(model: ModelLike | Session, provider: str | ProviderChoice = "a
     """
     if isinstance(model, Session):
         return model
-    if produced:
-        label = f"{label or 'the model'} (produced by onnx-lowrank)"
+    name = label or (os.fspath(model) if isinstance(model, str | os.PathLike) else "the model")
+    name += " (produced by onnx-lowrank)" if produced else ""
     if isinstance(model, ort.InferenceSession):
-        return Session(model, label or "the model", produced)
+        return Session(model, name, produced)
     choice = resolve_provider(provider)
     _quiet_default_logger()
     if choice.on_gpu:
         _preload_cuda_libraries()
     options = _session_options(threads, optimize)
-    providers = execution_providers(choice, timing)
 
-    def load(source: str | bytes, name: str) -> Session:
-        return Session(_load(source, options, providers, name, produced), name, produced)
+    def load(source: str | bytes) -> Session:
+        return Session(_load(source, options, execution_providers(choice, timing), name, produced), name, produced)
 
     if isinstance(model, onnx.ModelProto):
-        name = label or "the in-memory model"
         model = _lowered(model, runtime_max_ir_version())
         if model.ByteSize() >= _PROTO_LIMIT:
             with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as tmp:
                 path = os.path.join(tmp, "model.onnx")
                 onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-                return load(path, name)
-        return load(model.SerializeToString(), name)
+                return load(path)
+        return load(model.SerializeToString())
     if isinstance(model, bytes):
-        return load(model, label or "the serialised model")
-    path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    return load(path, label or path)
+        return load(model)
+    if not os.path.isfile(model):
+        raise InputError(f"{os.fspath(model)}: no such file")
+    return load(os.fspath(model))
 
 
 def _load(source: str | bytes, options: ort.SessionOptions, providers: list, label: str,
@@ -517,17 +514,11 @@ def _lowered(model: onnx.ModelProto, ir_max: int) -> onnx.ModelProto:
 @functools.cache
 def runtime_max_ir_version() -> int:
     """The highest ONNX IR version the installed onnxruntime loads, probed once with a tiny model."""
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     options = ort.SessionOptions()
     options.log_severity_level = _SESSION_LOG_SEVERITY
-    for version in range(onnx.IR_VERSION, 3, -1):
-        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-        probe.ir_version = version
+    for version in range(onnx.IR_VERSION, 6, -1):
         try:
-            ort.InferenceSession(probe.SerializeToString(), options, providers=[CPU])
+            ort.InferenceSession(_probe_model(version), options, providers=[CPU])
         except Exception:  # noqa: BLE001 - any refusal means "not this version"
             continue
         return version
