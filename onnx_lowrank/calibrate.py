@@ -26,8 +26,8 @@ from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.costs import conv_output_shape
 from onnx_lowrank.factorize import moments
 from onnx_lowrank.graph import Layer, onnx_opset
-from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
+from onnx_lowrank.runtime import make_session, runtime_max_ir_version
 
 __all__ = ["layer_moments", "layer_vectors", "measured_outputs", "output_freedom", "output_gains", "vector_count",
            "walk_layers"]
@@ -116,9 +116,7 @@ class _Segments:
 def _run(model: onnx.ModelProto, outputs: list[str], state: dict[str, Batches], provider: str,
          budget: ActivationBudget) -> None:
     """Run `model` batch by batch on the tensors in `state`; store its `outputs` there."""
-    from onnx_lowrank.validate import make_session
-
-    session = make_session(model, provider)
+    session = make_session(model, provider, produced=True, label=f"the calibration model '{model.graph.name}'")
     names = [i.name for i in session.get_inputs()]
     count = len(next(iter(state.values())))
     produced = {name: Batches() for name in outputs}

@@ -311,9 +311,8 @@ def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
 
 def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, seed: int
                     ) -> dict[str, tuple[int, ...]]:
-    import onnxruntime as ort
-
     from onnx_lowrank import inputs as model_inputs
+    from onnx_lowrank.runtime import make_session
 
     main_tensors = {o for n in model.graph.node for o in n.output}
     exposed = [n for n in names if n in main_tensors]
@@ -325,12 +324,8 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, s
     for name in exposed:
         if name not in known:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = make_session(probe, "cpu", produced=False, optimize=False, label="the model")
         feed = model_inputs.random_feeds(specs, concrete, count=1, seed=seed)[0]
         values = session.run(exposed, feed)
     except Exception as exc:  # noqa: BLE001 - reported as unknown shapes, not a crash

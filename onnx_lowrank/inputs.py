@@ -27,7 +27,7 @@ import onnx
 from onnx import helper
 
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.images import IMAGE_SUFFIXES, ImageOptions, image_batch
+from onnx_lowrank.images import ImageOptions, image_batch
 
 __all__ = [
     "InputSpec",

@@ -21,16 +21,12 @@ how the nodes connect). Two layers of the same geometry share a measurement.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
-import platform
-import shutil
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -42,35 +38,26 @@ from onnx import helper, numpy_helper
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.files import atomic_write_bytes
 from onnx_lowrank.graph import Layer
-from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
-from onnx_lowrank.validate import (
-    LatencyStats,
-    ProviderChoice,
-    make_session,
-    resolve_provider,
+from onnx_lowrank.runtime import (
+    CUDA, TENSORRT, ProviderChoice, cache_root, make_session, provider_name, resolve_provider,
+    runtime_max_ir_version,
 )
+from onnx_lowrank.timing import LatencyStats, Runner, check_counts, device_name
 
 __all__ = [
     "DEFAULT_OPSET", "LatencyCache", "LayerTiming", "SessionTimer", "Timer", "cache_key",
     "default_cache_path", "device_name", "faster_than_original", "interleaved", "layer_model",
     "profile_layer",
-    "rank_multiple_default",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Opset of the standalone models when the caller does not give the source model's.
 DEFAULT_OPSET = 17
-#: The models cache folder's environment variable (see tools/fetch_models.py).
-ENV_CACHE = "ONNX_LOWRANK_CACHE"
 _CACHE_FILE = "latency.json"
-_DEFAULT_ROOT = "~/.cache/onnx-lowrank"
 _CACHE_FORMAT = "onnx-lowrank latency cache"
 _CACHE_VERSION = 1
-
-_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                   "tensorrt": "TensorrtExecutionProvider"}
 
 Feed = dict[str, np.ndarray]
 #: ``timer(model, feed) -> milliseconds`` of ONE run of ``model`` on ``feed``. It is called
@@ -177,74 +164,6 @@ def _attributes(layer: Layer) -> dict:
 # Cache keys
 
 
-def _provider_name(provider: str | ProviderChoice) -> str:
-    """The onnxruntime provider name; ``auto`` is resolved (a probe), explicit names are not."""
-    if isinstance(provider, ProviderChoice):
-        return provider.name
-    name = str(provider).strip()
-    if name.endswith("ExecutionProvider"):
-        return name
-    if name.lower() == "auto":
-        return resolve_provider("auto").name
-    if name.lower() in _PROVIDER_NAMES:
-        return _PROVIDER_NAMES[name.lower()]
-    raise InputError(f"unknown provider '{provider}'; expected one of auto, cuda, tensorrt, cpu")
-
-
-def _choice(provider: str | ProviderChoice) -> ProviderChoice:
-    """`resolve_provider` that also takes an onnxruntime provider name."""
-    if isinstance(provider, ProviderChoice):
-        return provider
-    short = {v: k for k, v in _PROVIDER_NAMES.items()}.get(str(provider).strip())
-    return resolve_provider(short or provider)
-
-
-@functools.cache
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
-@functools.cache
-def _gpu_name() -> str:
-    """The first GPU's name from nvidia-smi (what CUDA device 0 usually is), else ``cuda``."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return "cuda"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    command = [exe, "--query-gpu=name", "--format=csv,noheader"]
-    if visible:
-        command.insert(1, f"--id={visible}")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return "cuda"
-    names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-    return names[0] if done.returncode == 0 and names else "cuda"
-
-
-def device_name(provider: str | ProviderChoice = "cpu") -> str:
-    """What the provider runs on: the CPU model and logical CPU count, or the GPU's name.
-
-    CPU: ``"model name"`` of /proc/cpuinfo (else `platform.processor()`), e.g.
-    ``"AMD EPYC 9R14 (2 logical CPUs)"``. CUDA/TensorRT: the name nvidia-smi gives for the
-    first visible GPU, or ``"cuda"`` when it cannot be asked.
-    """
-    name = _provider_name(provider)
-    if name == _PROVIDER_NAMES["cpu"]:
-        return f"{_cpu_model()} ({os.cpu_count()} logical CPUs)"
-    if name in (_PROVIDER_NAMES["cuda"], _PROVIDER_NAMES["tensorrt"]):
-        return _gpu_name()
-    return name
-
-
 def _structure(model: onnx.ModelProto) -> dict:
     """What decides a model's latency, without names or weight values."""
     graph = model.graph
@@ -294,13 +213,17 @@ def cache_key(model: onnx.ModelProto, provider: str | ProviderChoice = "cpu",
     count (``None``: onnxruntime's default), the onnxruntime version and the model's structure:
     input shapes and types, and per node the operator, attributes, constant input shapes
     and types and the connections between nodes. Weight values and tensor names are left
-    out: the same geometry with other weights has the same key.
+    out: the same geometry with other weights has the same key. On CUDA/TensorRT it also covers
+    cuDNN's convolution algorithm search (`ProviderChoice.conv_algo_search`).
     """
-    fields = {"provider": _provider_name(provider),
+    name = provider_name(provider)
+    fields = {"provider": name,
               "device": device if device is not None else device_name(provider),
               "threads": int(threads) if threads is not None else "default",
               "onnxruntime": ort.__version__,
               "model": _structure(model)}
+    if name in (CUDA, TENSORRT):
+        fields["conv_algo_search"] = getattr(provider, "conv_algo_search", ProviderChoice.conv_algo_search)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -310,11 +233,9 @@ def cache_key(model: onnx.ModelProto, provider: str | ProviderChoice = "cpu",
 
 
 def default_cache_path() -> pathlib.Path:
-    """``$ONNX_LOWRANK_CACHE/latency.json`` when that variable (the models cache folder) is set,
-    else ``~/.cache/onnx-lowrank/latency.json`` (beside the default ``models`` folder)."""
-    env = os.environ.get(ENV_CACHE)
-    root = pathlib.Path(env).expanduser() if env else pathlib.Path(_DEFAULT_ROOT).expanduser()
-    return root / _CACHE_FILE
+    """``latency.json`` in the tool's cache folder, `onnx_lowrank.runtime.cache_root`:
+    ``$ONNX_LOWRANK_CACHE`` when set, else ``~/.cache/onnx-lowrank``."""
+    return cache_root() / _CACHE_FILE
 
 
 class LatencyCache:
@@ -400,32 +321,28 @@ def _stats(entry) -> LatencyStats | None:
 
 
 class SessionTimer:
-    """The real `Timer`: one onnxruntime session per model (made on its first call, untimed),
-    `onnx_lowrank.validate.make_session` with ``ORT_ENABLE_ALL``; on CUDA/TensorRT the run goes
-    through IO binding (inputs copied to the device once, outputs left there)."""
+    """The real `Timer`: per model, a timing session (`onnx_lowrank.runtime.make_session`,
+    ``ORT_ENABLE_ALL``) and a `onnx_lowrank.timing.Runner`, made on its first call, untimed; the
+    end-to-end protocol: on CUDA/TensorRT, IO binding with the inputs and outputs on the device,
+    cuDNN's algorithm search before the first counted run, the device synchronised before the
+    clock is read."""
 
     def __init__(self, provider: str | ProviderChoice = "cpu", threads: int | None = None,
                  io_binding: bool = True):
-        self.choice = _choice(provider)
+        self.choice = resolve_provider(provider)
         self.threads = threads
         self.io_binding = io_binding
-        self._runners: dict[int, tuple[onnx.ModelProto, object]] = {}
+        self._runners: dict[int, tuple[onnx.ModelProto, Runner]] = {}
 
     def __call__(self, model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> float:
-        from onnx_lowrank.validate import _Runner
-
         held = self._runners.get(id(model))
         if held is None or held[0] is not model:
-            session = make_session(model, self.choice, self.threads)
-            held = (model, _Runner(session, feed, self.io_binding))
+            session = make_session(model, self.choice, self.threads, produced=True, timing=True,
+                                   label=f"the timing model '{model.graph.name}'")
+            held = (model, Runner(session, feed, self.io_binding))
             self._runners[id(model)] = held
         return held[1]()
 
-    def provider_used(self) -> str | None:
-        """The provider the sessions actually run on (None before the first call)."""
-        for _, runner in self._runners.values():
-            return runner.session.get_providers()[0]
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,13 +372,6 @@ class LayerTiming:
                 for c in self.chains]
 
 
-def _check_counts(warmup: int, repeats: int) -> None:
-    if warmup < 0:
-        raise InputError(f"latency warm-up runs must be >= 0, found {warmup}")
-    if repeats < 1:
-        raise InputError(f"latency repeats must be >= 1, found {repeats}")
-
-
 def _feed(model: onnx.ModelProto, seed: int) -> Feed:
     rng = np.random.default_rng(seed)
     feed = {}
@@ -477,7 +387,7 @@ def interleaved(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray
                 warmup: int, repeats: int) -> list[LatencyStats]:
     """Time `models` together: ``warmup`` untimed runs of each, then ``repeats`` rounds running
     each once, round ``i`` starting at model ``i mod n``. Stats in the order of `models`."""
-    _check_counts(warmup, repeats)
+    check_counts(warmup, repeats)
     for model in models:
         for _ in range(warmup):
             timer(model, feed)
@@ -521,11 +431,11 @@ def profile_layer(layer: Layer, chains: Sequence[Chain], provider: str | Provide
     Returns:
         `LayerTiming` with the original's and each chain's median and p90.
     """
-    _check_counts(warmup, repeats)
-    provider_name = _provider_name(provider)
-    device = device_name(provider_name)
+    check_counts(warmup, repeats)
+    name = provider_name(provider)
+    device = device_name(name)
     models = [layer_model(layer, None, opset)] + [layer_model(layer, c, opset) for c in chains]
-    keys = [cache_key(m, provider_name, threads, device) for m in models]
+    keys = [cache_key(m, provider, threads, device) for m in models]
     found = {k: cache.get(k) for k in keys} if cache is not None and not refresh else {}
     todo: dict[str, onnx.ModelProto] = {}
     for key, model in zip(keys, models):
@@ -542,9 +452,9 @@ def profile_layer(layer: Layer, chains: Sequence[Chain], provider: str | Provide
             for key, value in measured.items():
                 cache.put(key, value)
     results = [measured.get(k) or found[k] for k in keys]
-    timing = LayerTiming(layer.name, provider_name, device, results[0], results[1:],
+    timing = LayerTiming(layer.name, name, device, results[0], results[1:],
                          tuple(k not in measured for k in keys))
-    log.info("latency of %s on %s: %.3f ms; chains %s", layer.name, provider_name,
+    log.info("latency of %s on %s: %.3f ms; chains %s", layer.name, name,
              timing.original.median_ms,
              ", ".join(f"{c.median_ms:.3f} ms (x{s:.2f})" for c, s in zip(timing.chains, timing.speedups)))
     return timing
@@ -564,18 +474,3 @@ def faster_than_original(timing: LayerTiming, margin: float = 0.0) -> list[bool]
         raise InputError(f"latency margin must be in [0, 1), found {margin}")
     bound = timing.original.median_ms * (1.0 - margin)
     return [c.median_ms < bound for c in timing.chains]
-
-
-def rank_multiple_default(provider: str | ProviderChoice = "cpu") -> int:
-    """The rank multiple that suits `provider`'s kernels.
-
-    CPU: 16. onnxruntime runs convolutions in its NCHWc layout with a channel block of 16 on
-    AVX-512, and latency is a staircase in ``ceil(r/16)`` (latency-cpu.md finding 1); smaller
-    multiples cost like the next multiple of 16.
-
-    CUDA/TensorRT: also 16, NOT measured: no GPU machine was available when this default was
-    set. 16 matches the tensor-core tile (multiples of 8 for fp16) and is a safe guess; measure
-    with `profile_layer` on the GPU to refine it.
-    """
-    _provider_name(provider)  # validates the name
-    return 16

@@ -2,7 +2,7 @@
 
 A metric is ``f(original_outputs, candidate_outputs) -> float`` in ``[0, 1]`` (1 = the same
 answers). Both arguments are lists with one ``{output name: array}`` dict per validation
-batch, as `onnx_lowrank.validate.compare_models` collects them. The original's answers are
+batch, as `onnx_lowrank.compare.compare_models` collects them. The original's answers are
 the ground truth: no labels are needed.
 
 Built-in metrics (by name for `load_metric`):

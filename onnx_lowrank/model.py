@@ -7,7 +7,6 @@ destination folder first and renames it into place, so a crash never leaves a ha
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import pathlib
@@ -18,8 +17,9 @@ from google.protobuf.message import DecodeError
 
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.files import atomic_write_bytes
+from onnx_lowrank.runtime import runtime_max_ir_version
 
-__all__ = ["load_model", "runtime_max_ir_version", "save_model"]
+__all__ = ["load_model", "save_model"]
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +82,6 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> pathlib.Path:
             atomic_write_bytes(path, to_write.SerializeToString())
     log.info("saved %s (IR %d, external data: %s)", path, to_write.ir_version, external)
     return path
-
-
-@functools.cache
-def runtime_max_ir_version() -> int:
-    """The highest ONNX IR version the installed onnxruntime loads, probed once with a tiny model."""
-    import onnxruntime as ort
-
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    for version in range(onnx.IR_VERSION, 3, -1):
-        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)])
-        probe.ir_version = version
-        try:
-            ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: BLE001 - any refusal means "not this version"
-            continue
-        return version
-    return onnx.IR_VERSION
 
 
 def _uses_external_data(graph: onnx.GraphProto) -> bool:

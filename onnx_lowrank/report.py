@@ -84,7 +84,7 @@ def validate_report(report: dict) -> None:
     ``ranks`` a list of positive ints or ``None``; ``validation`` ``None`` or an object with
     ``provider``, ``inputs``, ``outputs``, ``top1_agreement``, ``latency_ms`` and ``speedup``.
     The validation numbers (``rel_l2``, ``max_abs``, ``cosine``, ``speedup``) may be ``None``,
-    which is how :mod:`onnx_lowrank.validate` writes a non-finite value so the JSON stays
+    which is how :mod:`onnx_lowrank.compare` writes a non-finite value so the JSON stays
     standard; ``latency_ms`` may be ``None`` when latency was not measured. Extra keys
     (``"metric"``, ``"subgraph"``, ...) are allowed anywhere.
 

@@ -54,6 +54,68 @@ def matmul_model(x_shape, w, side="right"):
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
 
 
+def _checked(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def linear_model(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    """y = x @ w + b with Gemm; x [N, in], y [N, out]."""
+    return _checked(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[1]])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]))
+
+
+def classifier_model(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """Conv(3->4, 3x3, pad 1) + Relu + GlobalAveragePool + Flatten + Gemm(4->classes); image [N,3,8,8]."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("conv_w", (4, 3, 3, 3)), ("conv_b", (4,)), ("fc_w", (classes, 4)),
+                                 ("fc_b", (classes,)))]
+    nodes = [helper.make_node("Conv", ["image", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1)]
+    return _checked(helper.make_graph(
+        nodes, "classifier", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], initializer=inits))
+
+
+def unary_model(op_types, shape, out_name: str = "y") -> onnx.ModelProto:
+    """y = op_k(...op_1(x)) on a tensor of `shape`."""
+    nodes, prev = [], "x"
+    for i, op in enumerate(op_types):
+        out = out_name if i == len(op_types) - 1 else f"t{i}"
+        nodes.append(helper.make_node(op, [prev], [out]))
+        prev = out
+    return _checked(helper.make_graph(
+        nodes, "unary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, shape)]))
+
+
+def add_const_model(const: np.ndarray, name: str = "pred") -> onnx.ModelProto:
+    """name = x + const (const's shape)."""
+    return _checked(helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], [name])], "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(const.shape))],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(const.shape))],
+        initializer=[numpy_helper.from_array(const, "c")]))
+
+
+def bad_reshape_model() -> onnx.ModelProto:
+    """Loads in onnxruntime but fails on every run: x [1, 4] reshaped to [3, 3]."""
+    shape = numpy_helper.from_array(np.array([3, 3], np.int64), "shape")
+    return _checked(helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad_reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])], initializer=[shape]))
+
+
 def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.log_severity_level = 3

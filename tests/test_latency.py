@@ -36,13 +36,11 @@ from onnx_lowrank.latency import (
     faster_than_original,
     layer_model,
     profile_layer,
-    rank_multiple_default,
 )
-
-from onnx_lowrank.model import runtime_max_ir_version
 from onnx_lowrank.ranks import FixedRank, RankRatio
 from onnx_lowrank.rewrite.chain import apply_chain
-from onnx_lowrank.validate import LatencyStats
+from onnx_lowrank.runtime import CPU, CUDA, ProviderChoice, runtime_max_ir_version
+from onnx_lowrank.timing import LatencyStats
 
 # The standalone model runs the same onnxruntime kernel on the same input as the full model;
 # float32 rounding may differ only by the kernel's blocking, far below this.
@@ -184,6 +182,16 @@ def test_keys_follow_the_structure_not_the_weights(rng):
     chain_2 = layer_model(layer, fit(layer, "tucker2", FixedRank(2)).chain)
     assert cache_key(chain_2, "cpu", 1) != cache_key(chain_a, "cpu", 1)
     assert cache_key(chain_a, "cpu", 1) != base
+
+
+def test_cudnn_algorithm_search_is_in_a_gpu_key(rng):
+    model = layer_model(only_layer(conv_case(rng)))
+    exhaustive = ProviderChoice("cuda", (CUDA, CPU))
+    heuristic = ProviderChoice("cuda", (CUDA, CPU), conv_algo_search="HEURISTIC")
+    assert cache_key(model, "cuda", 1, device="gpu") == cache_key(model, exhaustive, 1, device="gpu")
+    assert cache_key(model, heuristic, 1, device="gpu") != cache_key(model, exhaustive, 1, device="gpu")
+    cpu = ProviderChoice("cpu", (CPU,), conv_algo_search="HEURISTIC")  # no cuDNN on a CPU
+    assert cache_key(model, cpu, 1, device="c") == cache_key(model, "cpu", 1, device="c")
 
 
 def test_conv_attributes_are_in_the_key(rng):
@@ -349,13 +357,6 @@ def test_faster_than_original_with_margin():
     assert faster_than_original(timing, margin=0.25) == [False, False, False, False]
     with pytest.raises(InputError, match="margin"):
         faster_than_original(timing, margin=1.0)
-
-
-def test_rank_multiple_default():
-    assert rank_multiple_default("cpu") == 16
-    assert rank_multiple_default("cuda") == 16
-    with pytest.raises(InputError, match="unknown provider"):
-        rank_multiple_default("tpu")
 
 
 # ---------------------------------------------------------------------------------------------

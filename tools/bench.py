@@ -481,7 +481,7 @@ def interleaved_timing(before: pathlib.Path, after: pathlib.Path, feed: dict, th
                        runs: tuple[int, int], warmup: int):
     """`compare_latency` of the two models, interleaved, sized to about `seconds` of runs (at least
     `runs[0]`, at most `runs[1]` per model) from a 10-run probe. Returns its `LatencyComparison`."""
-    from onnx_lowrank.validate import compare_latency
+    from onnx_lowrank.timing import compare_latency
 
     probe = compare_latency(str(before), str(after), feed, provider="cpu", warmup=5, repeats=10, threads=threads)
     repeats = int(np.clip(1000 * seconds / (probe.before.median_ms + probe.after.median_ms), *runs))
@@ -723,7 +723,7 @@ def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -
               "`workspace.validation.speedup` = original median latency / compressed median latency, "
               "batch 1, measured in the child, interleaved (10 warm-up + 50 timed runs each), one run "
               "per case; < 1.00 is slower than the original and printed in bold, and such a case is timed again "
-              "right away in the benchmark parent (`onnx_lowrank.validate.compare_latency`, about 15 s of "
+              "right away in the benchmark parent (`onnx_lowrank.timing.compare_latency`, about 15 s of "
               "interleaved runs, 50-400 per model: *re-timed*) to tell noise from a real slow-down. *seconds*: wall time of "
               "`compress` minus its `validate` pass (load, calibration walks, allocation, factorization, "
               "latency judging, rewrite, count, save). *peak MiB*: the child's peak resident set "

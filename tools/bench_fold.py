@@ -4,7 +4,7 @@
 For every model of ``models/zoo.toml`` (all by default): the canonical model and its folded copy
 (nodes before/after, folds by rule), the largest relative L2 error of any output over random
 feeds (pre-sigmoid where an output is a sigmoid, see ``check_zoo.sigmoid_inputs``), and the
-end-to-end latency of both, interleaved in one process (``validate.compare_latency``, medians).
+end-to-end latency of both, interleaved in one process (``timing.compare_latency``, medians).
 Writes a Markdown table (``--out``, default docs/bench_fold.md).
 
 Usage::
@@ -29,10 +29,11 @@ sys.path.insert(0, str(REPO / "tools"))
 from check_zoo import _with_outputs, make_feeds, sigmoid_inputs
 from fetch_models import fetch, load_zoo
 
-from onnx_lowrank import validate
+from onnx_lowrank.compare import compare_models
 from onnx_lowrank.fold import fold_elementwise
 from onnx_lowrank.graph import canonicalize
 from onnx_lowrank.model import load_model
+from onnx_lowrank.timing import compare_latency
 
 
 def measure(name: str, entry: dict, threads: int, repeats: int) -> dict:
@@ -45,14 +46,14 @@ def measure(name: str, entry: dict, threads: int, repeats: int) -> dict:
            "hard_swish": counts.hard_swish}
     feeds = make_feeds(name, canonical, shapes, count=2)
     extra = sorted(set(sigmoid_inputs(canonical).values()))
-    result = validate.compare_models(_with_outputs(canonical, extra), _with_outputs(folded, extra), feeds,
-                                     provider="cpu", threads=threads)
+    result = compare_models(_with_outputs(canonical, extra), _with_outputs(folded, extra), feeds,
+                            provider="cpu", threads=threads)
     judged = [o for o in result.outputs if o.name in extra] + [
         o for o in result.outputs if o.name not in sigmoid_inputs(canonical)]
     row["max_rel_l2"] = max(o.rel_l2 for o in judged)
     if counts.total:
-        timing = validate.compare_latency(canonical, folded, feeds[0], provider="cpu", warmup=10,
-                                          repeats=repeats, threads=threads)
+        timing = compare_latency(canonical, folded, feeds[0], provider="cpu", warmup=10,
+                                 repeats=repeats, threads=threads)
         row.update(before_ms=timing.before.median_ms, after_ms=timing.after.median_ms, speedup=timing.speedup)
     return row
 

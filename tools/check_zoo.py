@@ -12,7 +12,7 @@ cp-depthwise):
    skips, with a reason, layers whose channels the 2x2 tiles do not divide). The rewritten model's
    MACs are checked the same independent way.
 3. Original and rewritten model in onnxruntime (CPU) on ``--feeds`` random inputs; per output the
-   relative L2 error ``||a-b|| / ||a||`` (``onnx_lowrank.validate.compare_models``), plus each
+   relative L2 error ``||a-b|| / ||a||`` (``onnx_lowrank.compare.compare_models``), plus each
    rewritten layer's own output error on its original inputs (``passes.layer_output_errors``),
    which points at the layer when the end-to-end error is too high.
 4. Each step timed.
@@ -52,7 +52,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from fetch_models import fetch, load_zoo
 
-from onnx_lowrank import api, factorize, inputs, validate
+from onnx_lowrank import api, factorize, inputs
+from onnx_lowrank.compare import compare_models
 from onnx_lowrank.config import METHOD_NAMES, Settings
 from onnx_lowrank.model import load_model
 from onnx_lowrank.passes import (
@@ -239,7 +240,7 @@ def _with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
 
 def validate_step(row: Row, ws: Workspace, feeds: list[dict], threads: int, tolerance: float) -> None:
     start = time.perf_counter()
-    result = validate.compare_models(ws.original, ws.model, feeds, provider="cpu", threads=threads)
+    result = compare_models(ws.original, ws.model, feeds, provider="cpu", threads=threads)
     worst = max(result.outputs, key=lambda o: o.rel_l2 if np.isfinite(o.rel_l2) else np.inf)
     row.max_rel_l2 = worst.rel_l2
     row.worst_output = worst.name
@@ -247,8 +248,8 @@ def validate_step(row: Row, ws: Workspace, feeds: list[dict], threads: int, tole
     pre = sigmoid_inputs(ws.canonical)
     if pre and ws.rewritten:
         extra = sorted(set(pre.values()))
-        both = validate.compare_models(_with_outputs(ws.canonical, extra), _with_outputs(ws.model, extra),
-                                       feeds, provider="cpu", threads=threads)
+        both = compare_models(_with_outputs(ws.canonical, extra), _with_outputs(ws.model, extra),
+                              feeds, provider="cpu", threads=threads)
         errors = {o.name: o.rel_l2 for o in both.outputs}
         row.pre_sigmoid = max(errors[n] for n in extra)
         judged = max([errors[n] for n in extra]

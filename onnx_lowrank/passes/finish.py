@@ -38,14 +38,14 @@ class ValidatePass(Pass):
         self.metric = metric
 
     def run(self, workspace, progress):
-        from onnx_lowrank import validate
+        from onnx_lowrank import compare, timing as timed
 
         feeds = workspace.eval_feeds
-        result = validate.compare_models(workspace.original, workspace.model, feeds,
-                                         provider=self.provider, metric=self.metric, threads=self.threads)
+        result = compare.compare_models(workspace.original, workspace.model, feeds, provider=self.provider,
+                                        metric=self.metric, threads=self.threads, candidate_produced=True)
         if self.latency:
-            timing = validate.compare_latency(workspace.original, workspace.model, feeds[0],
-                                              provider=self.provider, threads=self.threads)
+            timing = timed.compare_latency(workspace.original, workspace.model, feeds[0], provider=self.provider,
+                                           threads=self.threads, candidate_produced=True)
             result = dataclasses.replace(result, latency_before=timing.before,
                                          latency_after=timing.after, speedup=timing.speedup)
         workspace.validation = result

@@ -22,7 +22,7 @@ def layer_output_errors(workspace: Workspace, feeds: Sequence[dict], provider: s
     One onnxruntime run of the canonical model with every chain attached beside its layer gives
     all of them at once, without the errors of earlier layers mixed in.
     """
-    from onnx_lowrank import validate
+    from onnx_lowrank import runtime
 
     graph = gs.import_onnx(workspace.canonical)
     nodes = {node.name: node for node in graph.nodes}
@@ -37,7 +37,7 @@ def layer_output_errors(workspace: Workspace, feeds: Sequence[dict], provider: s
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     probe = with_model_fields(workspace.canonical, gs.export_onnx(graph, do_type_check=False),
                                workspace.settings)
-    session = validate.make_session(probe, provider, threads)
+    session = runtime.make_session(probe, provider, threads, produced=True, label="the layer-error probe")
     residual = dict.fromkeys(pairs, 0.0)
     energy = dict.fromkeys(pairs, 0.0)
     for feed in feeds:
@@ -111,14 +111,15 @@ class GuardPass(Pass):
         return low
 
     def _holds(self, workspace: Workspace, count: int, worst_first: list[LayerDecision]) -> bool:
-        from onnx_lowrank import validate
+        from onnx_lowrank import compare
 
         kept = worst_first[count:]
         if not kept:
             return True
         trial = dataclasses.replace(workspace, decisions={d.layer.name: d for d in kept})
-        result = validate.compare_models(workspace.original, rewritten_model(trial), workspace.guard_feeds,
-                                         provider=self.provider, metric=self.metric, threads=self.threads)
+        result = compare.compare_models(workspace.original, rewritten_model(trial), workspace.guard_feeds,
+                                        provider=self.provider, metric=self.metric, threads=self.threads,
+                                        candidate_produced=True)
         cosine = min((o.cosine for o in result.outputs), default=1.0)
         if self.min_cosine is not None and cosine < self.min_cosine:
             return False
