@@ -26,6 +26,7 @@ from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.costs import conv_output_shape
 from onnx_lowrank.factorize import moments
 from onnx_lowrank.graph import Layer, onnx_opset
+from onnx_lowrank.memory import ACTIVATION_CAP, MemoryBudget
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 from onnx_lowrank.runtime import make_session, runtime_max_ir_version
 
@@ -39,8 +40,10 @@ Feed = dict[str, np.ndarray]
 MOMENT_ROWS = 8192
 #: Input vectors a layer's moments are estimated from, at most (about): a random subset past it.
 MOMENT_SAMPLE_ROWS = 65536
-#: Bytes of calibration activations a walk keeps in memory; the rest wait on disk.
-ACTIVATION_MEMORY = 512 << 20
+#: Bytes of calibration activations a walk keeps in memory by default; the rest wait on disk.
+ACTIVATION_MEMORY = ACTIVATION_CAP
+#: Sample-space statistics keep at least this many vectors, or the run stops (`statistics_form`).
+MIN_SAMPLE_VECTORS = 32
 #: Final activations whose input, not output, `output_gains` compares.
 SQUASHING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid", "Tanh"})
 #: Element types `output_gains` compares (0: undeclared, taken as float).
@@ -151,7 +154,8 @@ def _single_layer_model(model: onnx.ModelProto, layer: Layer, chain: Chain | Non
 
 def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence[Feed],
                 visit: Visitor, sequential: bool = True, provider: str = "cpu",
-                progress: Callable[[Iterable, int, str], Iterable] | None = None) -> None:
+                progress: Callable[[Iterable, int, str], Iterable] | None = None,
+                activation_limit: int | None = None) -> None:
     """Visit each main-graph layer in topological order with its calibration inputs.
 
     `visit(layer, xs, xts)` gets the layer's data input per batch in the original model (`xs`)
@@ -164,7 +168,7 @@ def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence
     original = _inputs(feeds)
     compressed = dict(original) if sequential else None
     worlds = [original] + ([compressed] if sequential else [])
-    budget = ActivationBudget(ACTIVATION_MEMORY)
+    budget = ActivationBudget(ACTIVATION_MEMORY if activation_limit is None else activation_limit)
     start = 0
     steps = progress(order, len(order), "calibrating") if progress else order
     try:
@@ -189,7 +193,8 @@ def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence
 
 def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence[Feed],
                  relative_noise: float = 0.05, seed: int = 0, provider: str = "cpu",
-                 progress: Callable[[Iterable, int, str], Iterable] | None = None) -> dict[str, float]:
+                 progress: Callable[[Iterable, int, str], Iterable] | None = None,
+                 activation_limit: int | None = None) -> dict[str, float]:
     """How strongly a relative error at each layer's output reaches the model's outputs.
 
     For layer l with output ``y = Wx`` (bias excluded), Gaussian noise ``δ`` of relative size
@@ -208,7 +213,7 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     segments = _Segments(model, kept=outputs)
     order = segments.positions(layers)
     state = _inputs(feeds)
-    budget = ActivationBudget(ACTIVATION_MEMORY)
+    budget = ActivationBudget(ACTIVATION_MEMORY if activation_limit is None else activation_limit)
     reference = None
     rng = np.random.default_rng(seed)
     gains: dict[str, float] = {}
@@ -380,20 +385,26 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
 
 
 def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None,
-                  rows: int = MOMENT_SAMPLE_ROWS):
+                  budget: MemoryBudget | None = None, rows: int = MOMENT_SAMPLE_ROWS):
     """Second moments of the layer's input vectors over all batches (paired with `xts` if given).
 
     A layer that sees more than about `rows` vectors in the whole calibration set (a conv at high
     resolution: one per output position and image) uses a uniform random subset of them, the
     same positions in `xs` and `xts`, seeded by the layer's name: neighbouring patches are
     strongly correlated, so the subset estimates the moments as well at a fraction of the cost.
+
+    The form follows the memory they need (`statistics_form`): dense ``D x D`` moments
+    (`factorize.moments.Moments`) when they fit `budget.statistics`, else the vectors themselves
+    (`SampleMoments`), as many as fit, which carry the same information when there are fewer of
+    them than dimensions (a 25088-wide dense head sees one vector per calibration sample).
     """
-    accumulated = moments.Moments()
+    vectors = vector_count(layer, xs[0]) * len(xs)
+    capacity = statistics_form(layer, vectors, xts is not None, budget)
+    accumulated = moments.Moments() if capacity is None else moments.SampleMoments(capacity)
+    target = min(rows, vectors) if capacity is None else min(rows, capacity)
+    keep = min(1.0, target / vectors) if capacity is None else min(1.0, 0.95 * target / vectors)
     rng = np.random.default_rng(zlib.crc32(layer.name.encode()))
-    keep = None
     for index, x in enumerate(xs):
-        if keep is None:
-            keep = min(1.0, rows / (vector_count(layer, x) * len(xs)))
         originals = layer_vectors(layer, x, MOMENT_ROWS)
         if xts is None:
             chunks = ((p, None) for p in originals)
@@ -401,5 +412,42 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
             chunks = zip(originals, layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True)
         for p, pt in chunks:
             chosen = rng.random(p.shape[1]) < keep if keep < 1.0 else slice(None)
-            accumulated.add(p[:, chosen], None if pt is None else pt[:, chosen])
+            p, pt = p[:, chosen], None if pt is None else pt[:, chosen]
+            if capacity is not None:
+                p, pt = p[:, :accumulated.room], None if pt is None else pt[:, :accumulated.room]
+            accumulated.add(p, pt)
     return accumulated
+
+
+def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudget | None) -> int | None:
+    """None for dense moments, else how many vectors sample-space statistics keep.
+
+    Per group, dense moments hold 1 (3 paired) ``D x D`` float64 matrices, and their fit about 4
+    more at a time: ``8·D²·(g·k + 4)`` bytes. Sample-space statistics hold the vectors (and their
+    ``p~``) and as much again while fitted, plus an ``n x n`` Gram matrix:
+    ``8·n·D·(g·k + 4) + 8·n²``. Raises `InputError` (naming --max-memory) when not even
+    `MIN_SAMPLE_VECTORS` vectors fit.
+    """
+    if budget is None:
+        return None
+    groups, dim = _vector_shape(layer)
+    matrices = groups * (3 if paired else 1) + 4
+    dense = 8 * dim * dim * matrices
+    if dense <= budget.statistics:
+        return None
+    fit = min(int(budget.statistics / (8 * dim * matrices)), int(math.sqrt(budget.statistics / 8)))
+    if fit < MIN_SAMPLE_VECTORS:
+        raise budget.refuse(f"layer '{layer.name}': calibration statistics of its {dim}-wide input",
+                            8 * MIN_SAMPLE_VECTORS * dim * matrices, budget.statistics,
+                            "raise --max-memory or leave the layer out with --skip")
+    log.info("%s: %d-wide input, %s of dense moments: keeping up to %d of its %d vectors instead",
+             layer.name, dim, f"{dense / 2**30:.1f} GiB", fit, vectors)
+    return fit
+
+
+def _vector_shape(layer: Layer) -> tuple[int, int]:
+    """(groups, D) of the vectors `layer_vectors` yields."""
+    if layer.op == "Conv":
+        return layer.conv.group, math.prod(layer.weight.shape[1:])
+    rows, cols = layer.matrix().shape
+    return 1, (cols if layer.weight_side == "left" else rows)

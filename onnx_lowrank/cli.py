@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--json", action="store_true", help="print the report JSON instead of tables")
     compress.add_argument("--report", metavar="DIR",
                           help="write report.json, report.md and PNG plots into DIR")
+    compress.add_argument("--max-memory", metavar="SIZE",
+                          help="memory the run may use, e.g. 8G (default: half of the memory available at start); "
+                               "statistics of wide layers switch to sample space to fit it")
     compress.add_argument("--print-pipeline", action="store_true",
                           help="print the passes these settings run (what each needs and provides) and exit")
 

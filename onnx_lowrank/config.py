@@ -66,6 +66,7 @@ class Settings:
     seed: int = 0
     require_speedup: bool = False
     report: str | None = None
+    max_memory: str | None = None
 
     def __post_init__(self):
         from onnx_lowrank.methods import available
@@ -96,6 +97,10 @@ class Settings:
             raise InputError("--rank-multiple and --jobs must be positive integers")
         if len(self.tiles) != 2 or min(self.tiles) < 1:
             raise InputError(f"--tiles must be AxB with positive A and B, got {self.tiles}")
+        if self.max_memory is not None:
+            from onnx_lowrank.memory import parse_size
+
+            parse_size(self.max_memory)
         if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
             raise InputError(f"unknown provider '{self.provider}'; expected auto, cuda, tensorrt or cpu")
 
@@ -124,7 +129,7 @@ class Settings:
 
     def provenance(self) -> dict:
         """The settings that decide the output model (not how fast it was made): its metadata."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("jobs", "threads", "report", "require_speedup")}
+        return {k: v for k, v in self.to_dict().items() if k not in ("jobs", "threads", "report", "require_speedup", "max_memory")}
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

@@ -46,7 +46,7 @@ def fit_layer(layer: Layer, method: Method, ranks: tuple[int, ...] | None = None
 
     Ranks: `ranks` when given, else those `policy` picks from the method's full ranks (and weight
     spectra when the policy reads them); unranked methods have none. With `stats` (the layer's
-    input moments, `factorize.moments.Moments`), the factorization minimises the layer's OUTPUT
+    input moments, dense `factorize.moments.Moments` or `SampleMoments`), the factorization minimises the layer's OUTPUT
     error on the calibration inputs, then (`refit`, `bias_correction`) the last stage is refit and
     the bias shifted (`refit_chain`). A numerical failure (`factorize.NumericalError`, numpy's
     `LinAlgError`) skips the layer with its reason; any other exception is a bug and propagates.
@@ -58,8 +58,10 @@ def fit_layer(layer: Layer, method: Method, ranks: tuple[int, ...] | None = None
         spectra = method.spectra(layer) if getattr(policy, "uses_spectra", True) else None
         ranks = policy.ranks(method.full_ranks(layer), spectra)
     stats = stats if method.uses_data(layer) else None
+    # A method whose data-aware fit needs dense moments fits the weight; the refit still uses the data.
+    factor_stats = stats if stats is None or stats.dense or method.sample_space else None
     try:
-        chain = method.build(layer, ranks, stats)
+        chain = method.build(layer, ranks, factor_stats)
         if stats is not None and (refit or bias_correction):
             chain = refit_chain(layer, chain, stats, refit, bias_correction)
     except (NumericalError, np.linalg.LinAlgError) as exc:

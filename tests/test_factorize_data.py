@@ -25,17 +25,16 @@ from onnx_lowrank.factorize import (
     tiled_svd,
     tucker2,
 )
-from onnx_lowrank.factorize.moments import Moments, conv_moments, im2col, iter_patches, same_pads
+from onnx_lowrank.factorize.linalg import regression_target, regularized, whitened_svd
+from onnx_lowrank.factorize.moments import Moments, SampleMoments, conv_moments, im2col, iter_patches, same_pads
 from onnx_lowrank.factorize.refit import bias_shift, refit_chain, refit_last, refit_matrix
 from onnx_lowrank.factorize.whiten import (
     DataTuckerFactors,
     data_tucker2,
-    regression_target,
-    regularized,
-    target_and_sigma,
+    shrinkage,
     whitened_channel_svd,
+    whitened_rows,
     whitened_spatial_svd,
-    whitened_svd,
     whitened_tiled_svd,
 )
 from onnx_lowrank.factorize.svd import SVDFactors, TiledSVDFactors
@@ -392,11 +391,10 @@ def test_regression_target_beats_the_original_weight_on_the_compressed_input(set
     assert err_target < 0.1 * err_plain, (err_target, err_plain)
     same = moments_of(calib)  # p~ = p: W* = W on the data (up to the relative ridge)
     assert output_error(W, regression_target(W, same.cov_xt[0], same.cov_tt[0]), 1, held_out) < 1e-5
-    sigma, none = target_and_sigma(W, same)
-    assert none is None and np.array_equal(sigma, same.cov_xx[0])
-    sigma, fitted_target = target_and_sigma(W, paired, 0)
-    np.testing.assert_array_equal(sigma, paired.cov_tt[0])
-    np.testing.assert_allclose(fitted_target, target)
+    for moments, fitted in ((same, W), (paired, target)):
+        A, B, _ = whitened_rows(W, moments, 3)
+        A_ref, B_ref, _ = whitened_svd(fitted, moments.cov_tt[0], 3)
+        np.testing.assert_allclose(A @ B, A_ref @ B_ref, atol=1e-9 * np.abs(A_ref @ B_ref).max())
     # Both factors refitted: reduced-rank regression beats whitening p~ alone.
     sequential = whitened_channel_svd(kernel, 1, 6, paired)
     independent = whitened_channel_svd(kernel, 1, 6, moments_of(calib_t))
@@ -604,3 +602,60 @@ def test_bad_input_raises_a_clear_value_error(call, message):
     moments.add(np.ones((1, 4, 18)))
     with pytest.raises(ValueError, match=message):
         call(moments)
+
+
+# ----------------------------------------------------------------------------- sample space
+
+
+def _both_forms(p, t=None):
+    """The same vectors as dense moments and as sample-space moments."""
+    dense, samples = Moments(), SampleMoments(capacity=p.shape[1])
+    for form in (dense, samples):
+        form.add(p, t)
+    return dense, samples
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_sample_space_statistics_give_the_dense_result_with_fewer_vectors_than_dimensions(paired):
+    # 40 vectors of dimension 120: the dense moments are rank 40, the fits are the same.
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal((1, 40, 120)) @ np.diag(np.logspace(0, -2, 120)) + 0.3
+    t = p + 0.1 * rng.standard_normal(p.shape) if paired else None
+    dense, samples = _both_forms(p, t)
+    assert shrinkage(dense) == shrinkage(samples)
+    W = rng.standard_normal((24, 120))
+    eps = shrinkage(dense)
+    for rank in (1, 6, 24):
+        a_dense, b_dense, v_dense = whitened_rows(W, dense, rank, eps=eps)
+        a_samples, b_samples, v_samples = whitened_rows(W, samples, rank, eps=eps)
+        scale = np.abs(a_dense @ b_dense).max()
+        np.testing.assert_allclose(a_samples @ b_samples, a_dense @ b_dense, atol=1e-8 * scale)
+        np.testing.assert_allclose(v_samples, v_dense, rtol=1e-8, atol=1e-10 * v_dense[0])
+    # Matrix refit with bias: the same second factor and bias shift.
+    P = np.linalg.svd(W.T)[0][:, :5]
+    q_dense, shift_dense = refit_matrix(W.T, P, dense)
+    q_samples, shift_samples = refit_matrix(W.T, P, samples)
+    np.testing.assert_allclose(q_samples, q_dense, rtol=1e-7, atol=1e-9 * np.abs(q_dense).max())
+    np.testing.assert_allclose(shift_samples, shift_dense, rtol=1e-7, atol=1e-9 * np.abs(shift_dense).max())
+
+
+def test_sample_space_conv_fits_equal_the_dense_ones():
+    rng = np.random.default_rng(12)
+    kernel = rng.standard_normal((8, 4, 3, 3))
+    x = images(rng, 2, 4, (6, 6))                    # 2 x 4 x 4 = 32 patches of dimension 36
+    patches = next(iter_patches(x, (3, 3), max_rows=None))
+    dense, samples = _both_forms(patches)
+    for fit in (lambda m: whitened_channel_svd(kernel, 1, 3, m, eps=shrinkage(m)),
+                lambda m: whitened_tiled_svd(kernel, (2, 2), 2, m, eps=shrinkage(m))):
+        np.testing.assert_allclose(fit(samples).to_tensor(), fit(dense).to_tensor(), rtol=1e-7, atol=1e-9)
+    truncated = channel_svd(kernel, 3)
+    refits = [refit_chain(truncated.weights, (1, 1), 1, 1, m, kernel) for m in (dense, samples)]
+    np.testing.assert_allclose(refits[1][0], refits[0][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(refits[1][1], refits[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_sample_space_moments_refuse_vectors_past_their_capacity():
+    samples = SampleMoments(capacity=10)
+    samples.add(np.ones((1, 8, 3)))
+    with pytest.raises(ValueError, match="exceed the capacity 10"):
+        samples.add(np.ones((1, 3, 3)))

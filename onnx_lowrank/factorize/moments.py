@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .base import check_int, fmt_shape
+from .base import check_int, fmt_shape, leading_eigh
+from .linalg import regression_target, solve_spd, whitened_svd
 
-__all__ = ["DEFAULT_MAX_ROWS", "Moments", "conv_moments", "im2col", "iter_patches", "same_pads"]
+__all__ = ["DEFAULT_MAX_ROWS", "Moments", "SampleMoments", "conv_moments", "im2col", "iter_patches", "same_pads"]
 
 # Rows (patches) per chunk that iter_patches yields by default: 65536 rows of a 3x3 conv with
 # 256 input channels are 600 MB in float32; callers with wide layers pass a smaller bound.
@@ -283,6 +284,9 @@ class Moments:
                 self.sum_t += t64.sum(axis=1)
         self.n += p64.shape[1]
 
+    #: Dense ``D x D`` matrices (`SampleMoments` keeps the vectors instead).
+    dense = True
+
     @property
     def groups(self) -> int:
         """Number of groups (0 before the first chunk)."""
@@ -350,12 +354,154 @@ class Moments:
 
 @dataclass(frozen=True)
 class _GroupStats:
+    """One group's dense second moments (`Moments.group`), and the products the fits need."""
+
     mean_x: np.ndarray
     mean_t: np.ndarray
     xx: np.ndarray
     tt: np.ndarray
     xt: np.ndarray
     paired: bool
+
+    def target(self, M: np.ndarray, eps: float) -> np.ndarray:
+        """The map to fit: ``M`` itself (``p~ = p``), or the regression target
+        ``(M Sxt + λM)(Stt + λI)^-1`` (`linalg.regression_target`) of sequential moments."""
+        return regression_target(M, self.xt, self.tt, eps=eps) if self.paired else M
+
+    def whitened(self, M: np.ndarray, rank: int, eps: float, columns: slice = slice(None)):
+        """`linalg.whitened_svd` of ``M`` under ``Stt`` (restricted to `columns`): ``(A, B, values)``."""
+        return whitened_svd(M, self.tt[columns, columns], rank, eps=eps)
+
+    def cross(self, W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(H Stt Hᵀ, W Sxt Hᵀ)``: the Gram matrix and right-hand side of a last-stage refit."""
+        return H @ self.tt @ H.T, W @ self.xt @ H.T
+
+
+class SampleMoments:
+    """The same statistics as `Moments`, kept as the input vectors themselves (sample space).
+
+    For a layer whose input dimension D exceeds the number n of vectors it sees (a dense head
+    after a flatten: one 25088-wide vector per sample), ``D x D`` moments cost ``D² · 8`` bytes
+    and say no more than the ``n x D`` vectors, which cost ``n · D · 8``. Every fit then works
+    with products of the vectors (Gram matrices ``n x n`` and maps ``m x n``, m the layer's
+    outputs) and gives the result of the dense form to rounding. `capacity` bounds the vectors
+    kept (per group, paired with their ``p~``); `add` refuses more.
+    """
+
+    dense = False
+
+    def __init__(self, capacity: int):
+        self.capacity = check_int("SampleMoments", "capacity", capacity)
+        self._x: list[np.ndarray] = []
+        self._t: list[np.ndarray] = []
+        self.n = 0
+
+    @property
+    def room(self) -> int:
+        """How many more vectors `add` accepts."""
+        return self.capacity - self.n
+
+    def add(self, p: np.ndarray, p_tilde: np.ndarray | None = None) -> None:
+        """Keep a chunk of vectors ``p [groups, n, D]`` (and their ``p~``) in float64."""
+        p64 = _chunk("SampleMoments.add", "p", p)
+        t64 = p64 if p_tilde is None else _chunk("SampleMoments.add", "p_tilde", p_tilde)
+        if t64.shape != p64.shape:
+            raise ValueError(f"SampleMoments.add: p_tilde {fmt_shape(t64.shape)} does not match p {fmt_shape(p64.shape)}")
+        if self._x and self._x[0].shape[::2] != p64.shape[::2]:
+            raise ValueError(f"SampleMoments.add: a chunk of {p64.shape[0]} groups x {p64.shape[2]} values does not "
+                             f"match the kept {self.groups} groups x {self.dim}")
+        if self.n + p64.shape[1] > self.capacity:
+            raise ValueError(f"SampleMoments.add: {self.n + p64.shape[1]} vectors exceed the capacity {self.capacity}")
+        self._x.append(p64)
+        self._t.append(t64 if p_tilde is not None else None)
+        self.n += p64.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return self._x[0].shape[0] if self._x else 0
+
+    @property
+    def dim(self) -> int:
+        return self._x[0].shape[2] if self._x else 0
+
+    @property
+    def paired(self) -> bool:
+        return any(t is not None for t in self._t)
+
+    def _stacked(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([chunk[index] for chunk in self._x])
+        t = np.concatenate([x_chunk[index] if t_chunk is None else t_chunk[index]
+                            for x_chunk, t_chunk in zip(self._x, self._t, strict=True)]) if self.paired else x
+        return x, t
+
+    @property
+    def mean_x(self) -> np.ndarray:
+        return np.stack([sum(chunk[g].sum(axis=0) for chunk in self._x) / self.n for g in range(self.groups)])
+
+    @property
+    def mean_t(self) -> np.ndarray:
+        return np.stack([self._stacked(g)[1].mean(axis=0) for g in range(self.groups)])
+
+    def group(self, index: int, centered: bool = False) -> _SampleGroup:
+        """Group ``index``'s vectors (centred on request: then the products are covariances)."""
+        if self.n == 0:
+            raise ValueError("SampleMoments: no vectors were added")
+        x, t = self._stacked(index)
+        mean_x, mean_t = x.mean(axis=0), t.mean(axis=0)
+        if centered:
+            x, t = x - mean_x, t - mean_t
+        return _SampleGroup(mean_x, mean_t, x, t, self.paired)
+
+
+@dataclass(frozen=True)
+class _SampleGroup:
+    """One group's vectors ``X`` (original) and ``T`` (compressed world; ``T = X`` unpaired), n x D.
+
+    The dense forms' matrices are ``Sxx = XᵀX/n``, ``Stt = TᵀT/n``, ``Sxt = XᵀT/n``; each product
+    below is computed without them.
+    """
+
+    mean_x: np.ndarray
+    mean_t: np.ndarray
+    x: np.ndarray
+    t: np.ndarray
+    paired: bool
+
+    def _ridge(self, t: np.ndarray, eps: float) -> float:
+        """`linalg.regularized`'s ridge ``eps · tr(Stt) / D`` (``eps`` when the trace is 0)."""
+        scale = float(np.sum(t * t)) / t.shape[0] / t.shape[1]
+        return eps * (scale if scale > 0 else 1.0)
+
+    def target(self, M, eps):
+        """``W* = (M Sxt + λM)(Stt + λI)^-1`` by Woodbury: ``(Stt + λI)^-1 = (I - Tᵀ(nλI + TTᵀ)^-1 T)/λ``."""
+        if not self.paired:
+            return M
+        n = self.t.shape[0]
+        lam = self._ridge(self.t, eps)
+        rhs = (M @ self.x.T) @ self.t / n + lam * M
+        gram = self.t @ self.t.T
+        gram[np.diag_indices(n)] += n * lam
+        return (rhs - solve_spd("SampleMoments.target", gram, rhs @ self.t.T) @ self.t) / lam
+
+    def whitened(self, M, rank, eps, columns=slice(None)):
+        """The whitened SVD from ``G = M (Stt + λI) Mᵀ`` (``m x m``): ``A = U_r S_r^½``,
+        ``B = S_r^-½ U_rᵀ M``, the product `linalg.whitened_svd` gives (its left factors are the
+        eigenvectors of G whatever the square root of ``Stt + λI``)."""
+        t = self.t[:, columns]
+        M = np.asarray(M, dtype=np.float64)
+        lam = self._ridge(t, eps)
+        projected = t @ M.T
+        values, vectors = leading_eigh(projected.T @ projected / t.shape[0] + lam * (M @ M.T), rank)
+        singular = np.sqrt(values[: min(M.shape[0], t.shape[1])])
+        root = np.sqrt(singular[:rank])
+        inverse = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
+        return vectors * root, (vectors.T @ M) * inverse[:, None], singular
+
+    def cross(self, W, H):
+        """``(H Stt Hᵀ, W Sxt Hᵀ)`` from ``T Hᵀ`` and ``X Wᵀ``."""
+        n = self.t.shape[0]
+        th = self.t @ H.T
+        return th.T @ th / n, (self.x @ W.T).T @ th / n
 
 
 def _chunk(method: str, name: str, array: object) -> np.ndarray:

@@ -15,9 +15,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import check_groups, check_int, check_kernel, check_matrix, compose_chain, fmt_shape
+from .base import (
+    check_groups,
+    check_int,
+    check_kernel,
+    check_matrix,
+    compose_chain,
+    fmt_shape,
+)
+from .linalg import check_square, solve_spd
 from .moments import Moments, _GroupStats
-from .whiten import _check_moments, _solve_spd, _square
+from .whiten import _check_moments
 
 __all__ = ["bias_shift", "refit_chain", "refit_last", "refit_matrix"]
 
@@ -50,20 +58,24 @@ def refit_last(
     if H64.shape[1] != W64.shape[1]:
         raise ValueError(f"{method}: H {fmt_shape(H64.shape)} does not match W_rows {fmt_shape(W64.shape)}")
     dim = W64.shape[1]
-    cov_xt = _square(method, "cov_xt", cov_xt, dim)
-    cov_tt = _square(method, "cov_tt", cov_tt, dim)
+    cov_xt = check_square(method, "cov_xt", cov_xt, dim)
+    cov_tt = check_square(method, "cov_tt", cov_tt, dim)
+    return _refit_solution(H64 @ cov_tt @ H64.T, W64 @ cov_xt @ H64.T, ridge, prior)
+
+
+def _refit_solution(gram: np.ndarray, rhs: np.ndarray, ridge: float, prior: np.ndarray | None) -> np.ndarray:
+    """``A = (rhs + λ A0)(gram + λ I)^-1``, ``λ = ridge · trace(gram) / q``: :func:`refit_last` from
+    the products ``gram = H Stt Hᵀ`` and ``rhs = W Sxt Hᵀ`` (dense or sample-space moments)."""
     if not isinstance(ridge, numbers.Real) or not ridge >= 0:
-        raise ValueError(f"{method}: ridge must be a number >= 0, found {ridge!r}")
-    gram = H64 @ cov_tt @ H64.T
+        raise ValueError(f"refit_last: ridge must be a number >= 0, found {ridge!r}")
     size = gram.shape[0]
     lam = float(ridge) * float(np.trace(gram)) / size
     if lam <= 0:
         lam = float(ridge) if ridge > 0 else 0.0
     gram = gram + lam * np.eye(size)
-    rhs = W64 @ cov_xt @ H64.T
     if prior is not None:  # ridge towards the factor as factorized, not towards 0
         rhs = rhs + lam * np.asarray(prior, dtype=np.float64).reshape(rhs.shape)
-    return _solve_spd(method, gram, rhs)
+    return solve_spd("refit_last", gram, rhs)
 
 
 def bias_shift(
@@ -204,7 +216,7 @@ def refit_chain(
         rows = slice(block * out_block, (block + 1) * out_block)
         W_rows = kernel64[rows].reshape(out_block, dim)
         current = np.asarray(last[rows], dtype=np.float64).reshape(out_block, -1)
-        A = refit_last(W_rows, H, stats.xt, stats.tt, ridge, prior=current) if refit else current
+        A = _refit_solution(*stats.cross(W_rows, H), ridge, current) if refit else current
         new_last[rows] = A.reshape(out_block, mid_per_block, *last_kernel)
         if with_bias:
             delta[rows] = bias_shift(W_rows, A, H, stats.mean_x, stats.mean_t)
@@ -250,7 +262,7 @@ def refit_matrix(
     moments = _check_moments(method, moments, 1, W64.shape[0])
     stats = moments.group(0, centered=with_bias and refit)
     if refit:
-        A = refit_last(W64.T, P64.T, stats.xt, stats.tt, ridge, prior=None if Q is None else np.asarray(Q).T)
+        A = _refit_solution(*stats.cross(W64.T, P64.T), ridge, None if Q is None else np.asarray(Q).T)
     else:
         if Q is None:
             raise ValueError(f"{method}: refit=False needs the current second factor Q")

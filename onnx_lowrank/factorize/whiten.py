@@ -23,17 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import (
-    NumericalError,
     check_groups,
-    check_int,
     check_kernel,
     check_matrix,
-    check_rank,
-    fmt_shape,
     leading_eigh,
     per_group,
 )
-from .moments import Moments, _GroupStats
+from .linalg import regularized, solve_spd, whitened_svd
+from .moments import Moments, SampleMoments, _GroupStats
 from .svd import (
     SVDFactors,
     TiledSVDFactors,
@@ -41,7 +38,6 @@ from .svd import (
     check_channel_svd,
     check_spatial_svd,
     check_tiles,
-    lowrank,
     spatial_factors,
     spatial_matrix,
     tiled_factors,
@@ -51,40 +47,14 @@ from .tucker import TuckerFactors, check_tucker_ranks, tucker_result, tucker_sta
 __all__ = [
     "DataTuckerFactors",
     "data_tucker2",
-    "regression_target",
-    "regularized",
     "shrinkage",
-    "target_and_sigma",
     "whitened_channel_svd",
+    "whitened_rows",
     "whitened_spatial_svd",
-    "whitened_svd",
     "whitened_tiled_svd",
 ]
 
-# Cholesky retries: when a covariance is not numerically positive definite even after the
-# relative regularisation, eps is multiplied by this factor, at most this many times.
-_CHOL_GROWTH = 100.0
-_CHOL_RETRIES = 2
-
-
 # ----------------------------------------------------------------------------- whitening
-
-
-def regularized(sigma: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """``sigma + eps * (trace(sigma) / D) * I``: a ridge relative to the mean variance.
-
-    Makes a PSD (possibly rank-deficient) second-moment matrix ``[D, D]`` (or a stack
-    ``[..., D, D]``) positive definite while touching well-excited directions by a relative
-    ``eps`` only; when the trace is 0 the ridge is ``eps * I``. Returns a new float64 array.
-    """
-    sigma = np.asarray(sigma, dtype=np.float64)
-    dim = sigma.shape[-1]
-    scale = np.trace(sigma, axis1=-2, axis2=-1) / dim
-    scale = np.where(scale > 0, scale, 1.0) * eps
-    out = sigma.copy()
-    index = np.arange(dim)
-    out[..., index, index] += np.asarray(scale)[..., None]
-    return out
 
 
 def shrinkage(moments: Moments) -> float:
@@ -98,126 +68,19 @@ def shrinkage(moments: Moments) -> float:
     return 1e-6 + moments.dim / max(moments.n, 1)
 
 
-def _cholesky(method: str, sigma: np.ndarray, eps: float) -> np.ndarray:
-    """Lower Cholesky factor of ``regularized(sigma, eps)``.
-
-    When rounding leaves the matrix not positive definite, eps grows by ``_CHOL_GROWTH`` (from
-    at least 1e-10) at most ``_CHOL_RETRIES`` times; a matrix with a negative diagonal entry is
-    not a second-moment matrix and is refused at once.
-    """
-    if np.any(np.diagonal(sigma, axis1=-2, axis2=-1) < 0):
-        raise ValueError(f"{method}: the second-moment matrix is not positive semi-definite (negative diagonal)")
-    floor = max(eps, 1e-10)
-    for attempt in range(_CHOL_RETRIES + 1):
-        try:
-            return np.linalg.cholesky(regularized(sigma, eps if attempt == 0 else floor * _CHOL_GROWTH**attempt))
-        except np.linalg.LinAlgError:
-            continue
-    raise NumericalError(f"{method}: the second-moment matrix is not numerically positive definite "
-                         f"even with a ridge of {floor * _CHOL_GROWTH**_CHOL_RETRIES:.1g} (Cholesky failed)")
-
-
-def _solve_spd(method: str, matrix: np.ndarray, rhs_rows: np.ndarray) -> np.ndarray:
-    """``rhs_rows @ matrix^-1`` for a symmetric positive definite ``matrix`` (solves with its Cholesky factor)."""
-    factor = _cholesky(method, matrix, 0.0)
-    half = np.linalg.solve(factor, rhs_rows.T)  # L^-1 R^T
-    return np.linalg.solve(factor.T, half).T  # (L^-T L^-1 R^T)^T = R M^-1
-
-
-def whitened_svd(
-    W: np.ndarray,
-    sigma: np.ndarray,
-    rank: int,
-    target: np.ndarray | None = None,
-    *,
-    eps: float = 1e-6,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rank-r ``A B`` minimising the output error ``E||M p - A B p||^2`` for patches with ``E[p p^T] = sigma``.
-
-    ``M = target`` when given, else ``W`` (``[m, D]``). With ``L = chol(regularized(sigma, eps))``
-    (lower, ``L L^T = sigma + ridge``), ``E||(M - A B) p||^2 = ||(M - A B) L||_F^2``, so by
-    Eckart-Young the optimum is the truncated SVD ``M L ~ U_r S_r V_r^T``:
-
-        ``A = U_r S_r^(1/2)``  ``[m, r]``,   ``B = S_r^(1/2) V_r^T L^-1``  ``[r, D]``
-
-    (``B`` by a triangular-factor solve, never an explicit inverse). The squared output error is
-    ``sum_{i > r} s_i^2`` of the returned ``singular_values`` (all ``min(m, D)`` singular values of
-    ``M L``, descending), so ``sum(s[r:]^2) / sum(s^2)`` is the relative output error energy. At
-    full rank ``A B = M`` to rounding. Signs are deterministic: each column of A has its
-    largest-magnitude entry positive. In sequential mode pass ``target = regression_target(...)``
-    and ``sigma = cov_tt`` (reduced-rank regression of the original output on ``p~``).
-
-    Raises:
-        ValueError: bad shapes, a rank out of ``1..min(m, D)`` or a non-PSD sigma.
-    """
-    method = "whitened_svd"
-    matrix = check_matrix(method, W)
-    if target is not None:
-        target = check_matrix(method, target)
-        if target.shape != matrix.shape:
-            raise ValueError(f"{method}: target {fmt_shape(target.shape)} does not match W {fmt_shape(matrix.shape)}")
-        matrix = target
-    sigma64 = _square(method, "sigma", sigma, matrix.shape[1])
-    rank = check_rank(method, rank, min(matrix.shape), matrix.shape, what="matrix")
-    factor = _cholesky(method, sigma64, eps)
-    left, right, values = lowrank(matrix @ factor, rank)
-    second = np.linalg.solve(factor.T, right.T).T  # S^(1/2) V^T L^-1
-    return left, second, values
-
-
-def regression_target(W: np.ndarray, cov_xt: np.ndarray, cov_tt: np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
-    """``W* = (W Sxt + λW)(Stt + λI)^-1``: the linear map of ``p~`` closest to the original output.
-
-    λ is `regularized`'s shrinkage; the ridge pulls W* towards W (not towards 0), so directions
-    the calibration set does not cover keep the original weights.
-
-    ``W*`` minimises ``E||W p - W* p~||^2`` (normal equations ``W* Stt = W Sxt``), so for any
-    ``W'``: ``E||W p - W' p~||^2 = E||W p - W* p~||^2 + E||(W* - W') p~||^2``, and the whitened
-    SVD of ``W*`` under ``Stt`` is the reduced-rank regression of the original output on the
-    compressed model's input (both factors refitted). Equals W when ``p~ = p``.
-    """
-    method = "regression_target"
-    W64 = check_matrix(method, W)
-    cov_xt = _square(method, "cov_xt", cov_xt, W64.shape[1])
-    cov_tt = _square(method, "cov_tt", cov_tt, W64.shape[1])
-    shrunk = regularized(cov_tt, eps)
-    # Ridge towards W itself: (W Sxt + λ W)(Stt + λ I)^-1, so a small calibration set moves W little.
-    return _solve_spd(method, shrunk, W64 @ cov_xt + W64 @ (shrunk - cov_tt))
-
-
-def target_and_sigma(
-    W_rows: np.ndarray, moments: Moments, group: int = 0, *, eps: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(Stt, target)`` of one group for :func:`whitened_svd`: ``whitened_svd(W, *target_and_sigma(W, m, i), r)``.
-
-    ``Stt = E[p~ p~^T]`` of group ``group`` (``E[p p^T]`` when unpaired) and the map to fit:
-    None (fit W itself) when the moments are unpaired, else the regression target
-    ``W Sxt Stt^-1`` (:func:`regression_target`). ``W_rows [m, D]`` is the lowered weight of
-    that group (a matrix ``x @ W`` passes ``W^T``).
-    """
-    method = "target_and_sigma"
+def whitened_rows(W_rows: np.ndarray, moments, rank: int, *, eps: float = 1e-6):
+    """The whitened SVD ``(A, B, singular values)`` of one lowered weight ``W_rows [m, D]``
+    (group 0; a matrix ``x @ W`` passes ``W^T``): of ``W`` itself when the moments are unpaired,
+    else of the regression target ``W Sxt Stt^-1`` (:func:`linalg.regression_target`), under
+    ``Stt`` (:func:`linalg.whitened_svd`). Dense or sample-space moments alike."""
+    method = "whitened_rows"
     W64 = check_matrix(method, W_rows)
-    if not isinstance(moments, Moments):
-        raise ValueError(f"{method}: expected a Moments accumulator, found {type(moments).__name__}")
-    group = check_int(method, "group", group, minimum=0)
-    if group >= moments.groups:
-        raise ValueError(f"{method}: group {group} out of range for moments of {moments.groups} groups")
-    moments = _check_moments(method, moments, moments.groups, W64.shape[1])
-    stats = moments.group(group)
-    return stats.tt, (_target(stats, W64, eps) if stats.paired else None)
+    stats = _check_moments(method, moments, 1, W64.shape[1]).group(0)
+    return stats.whitened(stats.target(W64, eps), rank, eps)
 
 
-def _square(method: str, name: str, matrix: object, dim: int) -> np.ndarray:
-    array = np.asarray(matrix, dtype=np.float64)
-    if array.shape != (dim, dim):
-        raise ValueError(f"{method}: expected {name} of shape [{dim}, {dim}], found {fmt_shape(array.shape)}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{method}: {name} holds NaN or Inf values")
-    return array
-
-
-def _check_moments(method: str, moments: object, groups: int, dim: int) -> Moments:
-    if not isinstance(moments, Moments):
+def _check_moments(method: str, moments: object, groups: int, dim: int) -> Moments | SampleMoments:
+    if not isinstance(moments, Moments | SampleMoments):
         raise ValueError(f"{method}: expected a Moments accumulator, found {type(moments).__name__}")
     if moments.n == 0:
         raise ValueError(f"{method}: the moments hold no patches")
@@ -232,13 +95,6 @@ def _check_moments(method: str, moments: object, groups: int, dim: int) -> Momen
 def _group_stats(moments: Moments, groups: int) -> Iterator[_GroupStats]:
     """Each group's (non-centred) statistics in turn, for :func:`per_group`."""
     return (moments.group(index) for index in range(groups))
-
-
-def _target(stats: _GroupStats, block: np.ndarray, eps: float) -> np.ndarray:
-    """The map to fit: W itself (p~ = p) or the regression target (:func:`regression_target`)."""
-    if not stats.paired:
-        return block
-    return regression_target(block, stats.xt, stats.tt, eps=eps)
 
 
 # ----------------------------------------------------------------------------- data-aware SVDs
@@ -272,7 +128,7 @@ def whitened_channel_svd(
     moments = _check_moments(method, moments, groups, math.prod(kernel64.shape[1:]))
 
     def factor_group(lowered: np.ndarray, stats: _GroupStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return whitened_svd(lowered, stats.tt, rank, _target(stats, lowered, eps), eps=eps)
+        return stats.whitened(stats.target(lowered, eps), rank, eps)
 
     return channel_factors(kernel64, groups, rank, factor_group, _group_stats(moments, groups))
 
@@ -302,7 +158,7 @@ def whitened_spatial_svd(
     moments = _check_moments(method, moments, groups, in_g * kh * kw)
 
     def factor_group(block: np.ndarray, stats: _GroupStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        target = _target(stats, block.reshape(block.shape[0], -1), eps).reshape(block.shape)
+        target = stats.target(block.reshape(block.shape[0], -1), eps).reshape(block.shape)
         vertical = np.einsum("sijtkj->sitk", stats.tt.reshape(in_g, kh, kw, in_g, kh, kw)) / kw
         left_t, right_t, values = whitened_svd(spatial_matrix(target).T, vertical.reshape(in_g * kh, -1), rank, eps=eps)
         return right_t.T, left_t.T, values  # M^T ~ A B, so M ~ B^T A^T
@@ -343,9 +199,9 @@ def whitened_tiled_svd(
 
     def factor_tile(tile: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         columns = slice(j * width, (j + 1) * width)
-        return whitened_svd(tile, stats.tt[columns, columns], rank, eps=eps)
+        return stats.whitened(tile, rank, eps, columns)
 
-    lowered = _target(stats, kernel64.reshape(out_channels, -1), eps)
+    lowered = stats.target(kernel64.reshape(out_channels, -1), eps)
     return tiled_factors(kernel64, lowered, tiles, rank, factor_tile)
 
 
@@ -414,7 +270,7 @@ def data_tucker2(
 
     def factor_one(block: np.ndarray, stats: _GroupStats) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray]]:
         block = block.reshape(out_g, dim)
-        target = _target(stats, block, eps)
+        target = stats.target(block, eps)
         # Both modes shrink towards weight-only HOSVD as eps grows (few calibration vectors):
         # the output mode through the regularised second moment, the input mode by blending the
         # data's channel second moment with the kernel's input-mode Gram matrix.
@@ -440,7 +296,7 @@ def data_tucker2(
             gram = np.tensordot(reduced, in_basis, axes=(2, 0)).transpose(0, 1, 3, 2).reshape(rank_in * taps, -1)
         shrunk = regularized(gram, eps)
         # Ridge towards the weight-only core Uᵀ W Zᵀ, not towards 0.
-        core = _solve_spd(method, shrunk, numerator + project(block) @ (shrunk - gram))
+        core = solve_spd(method, shrunk, numerator + project(block) @ (shrunk - gram))
         stages = tucker_stages(
             None if rank_in is None else in_basis,
             core.reshape(core.shape[0], rank_in or in_g, *spatial),

@@ -70,11 +70,15 @@ class Method(abc.ABC):
             when the structure fixes the cost (versatile filters).
         in_auto: whether `--method auto` considers it (its error curve must be exact or a
             bound, so that the budget compares methods fairly).
+        sample_space: whether its data-aware fit and spectra take sample-space statistics
+            (`factorize.moments.SampleMoments`, for inputs wider than the vectors they see);
+            otherwise such a layer is factorized from its weight and only refit on the data.
     """
 
     name: ClassVar[str]
     ranked: ClassVar[bool] = False
     in_auto: ClassVar[bool] = False
+    sample_space: ClassVar[bool] = False
 
     def configure(self, settings) -> Method:
         """This method with the run's `Settings` applied (e.g. tiles, seed); default: itself."""

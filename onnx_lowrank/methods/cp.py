@@ -29,6 +29,7 @@ class CP(ConvMethod):
 
     seed: int = 0
     name = "cp"
+    sample_space = True
     flatten = False
 
     def configure(self, settings):

@@ -28,6 +28,7 @@ class ChannelSVD(ConvMethod):
 
     name = "svd"
     in_auto = True
+    sample_space = True
 
     def resolve(self, layer):
         return self.name
@@ -111,9 +112,7 @@ def whitened_matrix(layer: Layer, stats, rank: int):
     """
     matrix = layer.matrix()
     lowered = matrix if layer.weight_side == "left" else matrix.T
-    eps = whiten.shrinkage(stats)
-    sigma, target = whiten.target_and_sigma(lowered, stats, 0, eps=eps)
-    return whiten.whitened_svd(lowered, sigma, rank, target=target, eps=eps)
+    return whiten.whitened_rows(lowered, stats, rank, eps=whiten.shrinkage(stats))
 
 
 def _matrix_weights(layer: Layer, rank: int, stats) -> tuple[np.ndarray, np.ndarray]:

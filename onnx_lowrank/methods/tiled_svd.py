@@ -25,6 +25,7 @@ class TiledSVD(ConvMethod):
 
     tiles: tuple[int, int] = (2, 2)
     name = "tiled-svd"
+    sample_space = True
 
     def configure(self, settings):
         return dataclasses.replace(self, tiles=tuple(settings.tiles))

@@ -137,6 +137,13 @@ class Workspace:
 
         return parse_input_shapes(self.settings.input_shape)
 
+    @functools.cached_property
+    def memory(self):
+        """The run's memory budget (`--max-memory`)."""
+        from onnx_lowrank.memory import MemoryBudget
+
+        return MemoryBudget.from_setting(self.settings.max_memory)
+
     @property
     def candidates(self) -> list[LayerDecision]:
         """The decisions of layers still to factorize (no reason to leave them out so far)."""

@@ -87,7 +87,7 @@ class FactorizePass(Pass):
             if decision is None:
                 return None
             method = self._method(decision)
-            moments = (calibrate.layer_moments(layer, xs, xts if self.sequential else None)
+            moments = (calibrate.layer_moments(layer, xs, xts if self.sequential else None, workspace.memory)
                        if method.uses_data(layer) else None)
             job = workers.submit(fit_layer, layer, method, decision.ranks, self.policy, moments, self.refit,
                                  self.bias_correction)
@@ -100,7 +100,7 @@ class FactorizePass(Pass):
         layers = [d.layer for d in workspace.decisions.values() if d.layer.subgraph is None
                   and d.layer.weight is not None]
         calibrate.walk_layers(workspace.canonical, layers, workspace.calibration, visit, sequential=self.sequential,
-                              provider="cpu", progress=progress)
+                              provider="cpu", progress=progress, activation_limit=workspace.memory.activations)
         for decision, job in pending:
             self._decide(decision, job.result())
 

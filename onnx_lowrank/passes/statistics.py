@@ -45,12 +45,13 @@ class DataSpectraPass(Pass):
             serving = [self.methods.serving(name, layer) for name in self.method_names]
             serving = [m for m in serving if m.uses_data(layer) and m.not_applicable(layer) is None]
             if layer.name in todo and serving:
-                moments = calibrate.layer_moments(layer, xs, None)
-                workspace.spectra[layer.name] = {m.name: m.spectra(layer, moments) for m in serving}
+                moments = calibrate.layer_moments(layer, xs, None, workspace.memory)
+                workspace.spectra[layer.name] = {
+                    m.name: m.spectra(layer, moments if moments.dense or m.sample_space else None) for m in serving}
             return None
 
         calibrate.walk_layers(workspace.canonical, list(todo.values()), workspace.calibration, visit,
-                              sequential=False, progress=progress)
+                              sequential=False, progress=progress, activation_limit=workspace.memory.activations)
         return PassResult(False, f"output-error spectra of {len(workspace.spectra)} layers")
 
 
@@ -75,7 +76,8 @@ class OutputGainsPass(Pass):
             shapes = infer_shapes(workspace.canonical, workspace.pinned, need=measured, seed=workspace.settings.seed)
         freedom = calibrate.output_freedom(workspace.canonical, shapes)
         feeds, samples = _first_samples(workspace.calibration, gain_samples(freedom))
-        gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress)
+        gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress,
+                                       activation_limit=workspace.memory.activations)
         for name, gain in gains.items():
             workspace.decisions[name].output_gain = gain
         spread = f" (from {min(gains.values()):.3g} to {max(gains.values()):.3g})" if gains else ""
