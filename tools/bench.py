@@ -648,8 +648,7 @@ def plot(specs: list[Spec], rows: list[dict], path: pathlib.Path) -> None:
                 Line2D([], [], marker="*", linestyle="", color="black", label="original")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle("onnx-lowrank on real models: CPU speed-up vs fidelity (batch 1, onnxruntime CPU)")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    markdown.save_figure(fig, path, dpi=90)
+    markdown.save_figure(fig, path, dpi=90, rect=(0, 0.05, 1, 0.97))
 
 
 def silero_probe(spec: Spec, workdir: pathlib.Path) -> str | None:
@@ -707,11 +706,9 @@ def main(argv: list[str] | None = None) -> int:
                 markdown.write(args.json, json.dumps({"rows": rows, "baselines": {s.key: s.baseline for s in specs}},
                                                      indent=1, default=str))
     context.update(load_after=provenance.load_average(), total_s=time.perf_counter() - started)
-    text = markdown_text(specs, rows, command, context)
-    markdown.write(args.out, text)
     if args.plot:
         plot(specs, rows, pathlib.Path(args.plot))
-    print(text)
+    markdown.publish(args.out, markdown_text(specs, rows, command, context))
     return 1 if any(r["status"] in ("error", "timeout") for r in rows) else 0
 
 

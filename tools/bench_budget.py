@@ -307,7 +307,6 @@ def plot(cases: list[Case], bases: dict, rows: list[dict], path: pathlib.Path) -
             if row_index == 0:
                 ax.set_title(case.name)
     fig.suptitle("onnx-lowrank --target-macs: fidelity vs kept MACs (point at 1.0 = original)")
-    fig.tight_layout()
     markdown.save_figure(fig, path, dpi=110)
 
 
@@ -341,10 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             bases[name] = base
             rows += case_rows
     context.update(load_before=load_before, load_after=provenance.load_average())
-    text = markdown_text(cases, bases, rows, command, context)
-    markdown.write(args.out, text)
     plot(cases, bases, rows, pathlib.Path(args.plot))
-    print(text)
+    markdown.publish(args.out, markdown_text(cases, bases, rows, command, context))
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 

@@ -331,11 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                "load_before": load_before, "load_after": provenance.load_average(),
                "total_s": time.perf_counter() - started,
                "command": provenance.command_line("bench_calibration.py", sys.argv[1:] if argv is None else argv)}
-    text = markdown_text(rows, models, context)
-    markdown.write(args.out, text)
     if args.json:
         markdown.write(args.json, json.dumps({"rows": rows, "models": models, **context}, indent=1))
-    print(text)
+    markdown.publish(args.out, markdown_text(rows, models, context))
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

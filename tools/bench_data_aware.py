@@ -429,7 +429,6 @@ def plot(cases: list[Case], rows: list[dict], path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.suptitle("onnx-lowrank data-aware compression vs weight-only (same MAC target)")
-    fig.tight_layout()
     markdown.save_figure(fig, path, dpi=100)
 
 
@@ -468,11 +467,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 markdown.write(args.json, json.dumps(rows, indent=1, default=str))
     context.update(load_after=provenance.load_average(), total_s=time.perf_counter() - started)
-    text = markdown_text(cases, rows, command, context)
-    markdown.write(args.out, text)
     if args.plot:
         plot(cases, rows, pathlib.Path(args.plot))
-    print(text)
+    markdown.publish(args.out, markdown_text(cases, rows, command, context))
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 

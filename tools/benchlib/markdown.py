@@ -30,6 +30,12 @@ def write(path: str | pathlib.Path, text: str) -> None:
     path.write_text(text)
 
 
+def publish(path: str | pathlib.Path, text: str) -> None:
+    """Write a benchmark's document and print it (stdout carries the document, stderr the progress)."""
+    write(path, text)
+    print(text)
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
@@ -40,9 +46,11 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | pathlib.Path, dpi: int) -> None:
-    """Save a figure (creating its folder) and close it."""
+def save_figure(fig, path: str | pathlib.Path, dpi: int, rect: tuple[float, ...] | None = None) -> None:
+    """Lay a figure out tightly (within `rect` of the figure, default all of it), save it
+    (creating its folder) and close it."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)

@@ -55,7 +55,5 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     known = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in known:
-            out.graph.output.append(onnx.ValueInfoProto(name=name))
+    out.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in known)
     return out
