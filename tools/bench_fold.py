@@ -50,6 +50,7 @@ def measure(name: str, entry: dict, threads: int, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table."""
     cells = [[r["model"], f"{r['nodes_before']} -> {r['nodes_after']}", f"{r['output_affine']} / {r['input_affine']}",
               str(r["hard_swish"]), f"{r['max_rel_l2']:.1e}",
               *([f"{r['before_ms']:.2f}", f"{r['after_ms']:.2f}", f"{r['speedup']:.2f}"] if "speedup" in r
@@ -60,6 +61,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    """Fold the zoo models, write docs/bench_fold.md; 1 when a fold changed an output by 1e-5 or more."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated zoo names (default: all)")
     parser.add_argument("--threads", type=int, default=1)
