@@ -9,8 +9,9 @@ One module per job, imported one way (scripts -> benchlib -> onnx_lowrank, fetch
     child       one `compress` call in a fresh process: wall time, peak memory, the result as JSON
     timing      interleaved latency of two models, and where a model's kernel time goes
     provenance  the machine, versions, load, command line and the commit the package matches
-    markdown    the documents: tables, headers, figures
+    markdown    the documents: tables, headers, figures, writing and printing them
     cli         what every script's `main` does: lists from flags, a work folder, progress lines
+    torch_export  torch modules built by the tools (ResNet-50, the Conv3d net) to ONNX
 
 A script runs as `python tools/SCRIPT.py`, which puts tools/ first on `sys.path`; tests add it.
 """
