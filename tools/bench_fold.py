@@ -3,8 +3,8 @@
 
 For every model of ``models/zoo.toml`` (all by default): the canonical model and its folded copy
 (nodes before/after, folds by rule), the largest relative L2 error of any output over random
-feeds (pre-sigmoid where an output is a sigmoid, see ``check_zoo.sigmoid_inputs``), and the
-end-to-end latency of both, interleaved in one process (``timing.compare_latency``, medians).
+feeds (pre-sigmoid where an output is a sigmoid, see ``benchlib.zoo.sigmoid_inputs``), and the
+end-to-end latency of both, interleaved in one process (``benchlib.timing.interleaved``, medians).
 Writes a Markdown table (``--out``, default docs/bench_fold.md).
 
 Usage::
@@ -15,25 +15,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import pathlib
-import platform
-import subprocess
 import sys
 
 import numpy as np
-import onnxruntime as ort
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-
-from check_zoo import _with_outputs, make_feeds, sigmoid_inputs
+from benchlib import REPO, markdown, provenance, timing
+from benchlib.zoo import sigmoid_inputs, with_outputs, zoo_feeds
 from fetch_models import fetch, load_zoo
 
-from onnx_lowrank.compare import compare_models
+from onnx_lowrank import compare
 from onnx_lowrank.fold import fold_elementwise
 from onnx_lowrank.graph import canonicalize
 from onnx_lowrank.model import load_model
-from onnx_lowrank.timing import compare_latency
 
 
 def measure(name: str, entry: dict, threads: int, repeats: int) -> dict:
@@ -44,33 +36,32 @@ def measure(name: str, entry: dict, threads: int, repeats: int) -> dict:
     row = {"model": name, "nodes_before": len(canonical.graph.node), "nodes_after": len(folded.graph.node),
            "output_affine": counts.output_affine, "input_affine": counts.input_affine,
            "hard_swish": counts.hard_swish}
-    feeds = make_feeds(name, canonical, shapes, count=2)
+    feeds = zoo_feeds(name, canonical, shapes, count=2)
     extra = sorted(set(sigmoid_inputs(canonical).values()))
-    result = compare_models(_with_outputs(canonical, extra), _with_outputs(folded, extra), feeds,
-                            provider="cpu", threads=threads)
+    result = compare.compare_models(with_outputs(canonical, extra), with_outputs(folded, extra), feeds,
+                                     provider="cpu", threads=threads)
     judged = [o for o in result.outputs if o.name in extra] + [
         o for o in result.outputs if o.name not in sigmoid_inputs(canonical)]
     row["max_rel_l2"] = max(o.rel_l2 for o in judged)
     if counts.total:
-        timing = compare_latency(canonical, folded, feeds[0], provider="cpu", warmup=10,
-                                 repeats=repeats, threads=threads)
-        row.update(before_ms=timing.before.median_ms, after_ms=timing.after.median_ms, speedup=timing.speedup)
+        latency = timing.interleaved(canonical, folded, feeds[0], threads, warmup=10, repeats=repeats)
+        row.update(before_ms=latency.before.median_ms, after_ms=latency.after.median_ms, speedup=latency.speedup)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | nodes before -> after | affine folded (after conv / before conv) | hard-swish fused "
-             "| max rel L2 | ms before | ms after | speed-up |", "|---|---|---|--:|--:|--:|--:|--:|"]
-    for r in rows:
-        timed = "speedup" in r
-        lines.append(f"| {r['model']} | {r['nodes_before']} -> {r['nodes_after']} | {r['output_affine']} / "
-                     f"{r['input_affine']} | {r['hard_swish']} | {r['max_rel_l2']:.1e} | "
-                     + (f"{r['before_ms']:.2f} | {r['after_ms']:.2f} | {r['speedup']:.2f} |" if timed
-                        else "- | - | nothing folded |"))
-    return "\n".join(lines)
+    """The rows as a Markdown table."""
+    cells = [[r["model"], f"{r['nodes_before']} -> {r['nodes_after']}", f"{r['output_affine']} / {r['input_affine']}",
+              str(r["hard_swish"]), f"{r['max_rel_l2']:.1e}",
+              *([f"{r['before_ms']:.2f}", f"{r['after_ms']:.2f}", f"{r['speedup']:.2f}"] if "speedup" in r
+                else ["-", "-", "nothing folded"])] for r in rows]
+    return "\n".join(markdown.table(["model", "nodes before -> after", "affine folded (after conv / before conv)",
+                                      "hard-swish fused", "max rel L2", "ms before", "ms after", "speed-up"],
+                                     cells, "lllrrrrr"))
 
 
 def main(argv=None) -> int:
+    """Fold the zoo models, write docs/bench_fold.md; 1 when a fold changed an output by 1e-5 or more."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated zoo names (default: all)")
     parser.add_argument("--threads", type=int, default=1)
@@ -83,18 +74,17 @@ def main(argv=None) -> int:
     for name in names:
         rows.append(measure(name, zoo[name], args.threads, args.repeats))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     text = "\n".join([
         "# Exact element-wise folds on the zoo (CPU provider)", "",
-        f"Command: `OMP_NUM_THREADS={args.threads} python tools/bench_fold.py --threads {args.threads} "
-        f"--repeats {args.repeats}` at commit {commit}; onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}, "
-        f"{args.threads} intra-op thread(s). Original = the canonical model (weights as initializers); "
+        *markdown.generated_by("bench_fold.py", provenance.command_line("bench_fold.py",
+                                                                          sys.argv[1:] if argv is None else argv)),
+        f"Machine: {provenance.machine()}, {args.threads} intra-op thread(s). {provenance.package_provenance()}. "
+        "Original = the canonical model (weights as initializers); "
         "folded = `onnx_lowrank.fold.fold_elementwise` of it, what `compress` starts from unless `--no-fold`. "
         "Error: largest relative L2 over the outputs (pre-sigmoid for sigmoid outputs) on 2 random feeds; "
         f"latency: medians of {args.repeats} interleaved runs of each, batch 1.", "",
         table(rows), ""])
-    pathlib.Path(args.out).write_text(text)
+    markdown.write(args.out, text)
     worst = max(r["max_rel_l2"] for r in rows)
     print(f"wrote {args.out}; largest error {worst:.1e}")
     return 0 if np.isfinite(worst) and worst < 1e-5 else 1

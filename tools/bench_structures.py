@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import shlex
 import shutil
 import subprocess
@@ -47,12 +46,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from benchlib import REPO, markdown, provenance, scoring
+from benchlib import datasets as ds
+from benchlib.inference import run_model
+from fetch_models import fetch
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-
-CACHE = pathlib.Path(os.environ.get("ONNX_LOWRANK_CACHE", pathlib.Path.home() / ".cache" / "onnx-lowrank")) / "models"
-DIGITS = REPO / "models"
 SECTIONS = ("conv3d", "vad", "convtranspose", "keep-structure", "versatile")
 COMMON = ("--threads", "1", "--batch-size", "1", "--json")
 
@@ -94,36 +92,9 @@ def compress(model: pathlib.Path, out: pathlib.Path, flags: str, data: list[str]
     return row
 
 
-# --------------------------------------------------------------------------------------------
-# Running models here
-
-
-def session(path: pathlib.Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_batches(path: pathlib.Path, name: str, x: np.ndarray, output: str, batch: int) -> np.ndarray:
-    sess = session(path)
-    return np.concatenate([sess.run([output], {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-sample cosine of the flattened outputs (axis 0 = samples)."""
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-
-
-def textmap_iou(a: np.ndarray, b: np.ndarray, threshold: float = 0.3) -> np.ndarray:
-    """Per-image IoU of the two probability maps binarised at `threshold` (1 when both are empty)."""
-    ma, mb = a.reshape(len(a), -1) > threshold, b.reshape(len(b), -1) > threshold
-    union = (ma | mb).sum(1)
-    return np.where(union > 0, (ma & mb).sum(1) / np.maximum(union, 1), 1.0)
+def outputs(path: pathlib.Path, name: str, x: np.ndarray, output: str, batch: int) -> dict[str, np.ndarray]:
+    """`output` of the model at `path` over the samples `x` of input `name`, one intra-op thread."""
+    return run_model(path, ds.batched({name: x}, batch), 1, outputs=[output])
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,15 +156,10 @@ def fmt(value, spec: str = ".3f") -> str:
 
 def table(rows: list[Row], columns: list[tuple[str, Callable[[Row], str]]]) -> list[str]:
     """One Markdown table; a failed row keeps its flags and shows the tool's message."""
-    head = ["flags", "exit", *[c[0] for c in columns], "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        if row.ok:
-            cells = [fn(row) for _, fn in columns]
-        else:
-            cells = [f"`{row.message}`"] + [""] * (len(columns) - 1)
-        lines.append("| " + " | ".join([f"`{row.flags}`", str(row.rc), *cells, f"{row.wall_s:.1f}"]) + " |")
-    return lines
+    cells = [[f"`{row.flags}`", str(row.rc),
+              *([fn(row) for _, fn in columns] if row.ok else [f"`{row.message}`"] + [""] * (len(columns) - 1)),
+              f"{row.wall_s:.1f}"] for row in rows]
+    return markdown.table(["flags", "exit", *[c[0] for c in columns], "wall s"], cells)
 
 
 def speed(row: Row) -> str:
@@ -243,21 +209,21 @@ CONV3D_FLAGS = ("--method tucker2 --target-macs 0.5", "--method tucker2 --target
 
 
 def conv3d(work: pathlib.Path) -> list[str]:
-    model = CACHE / "conv3d_motion.onnx"
-    cal, ev = np.load(CACHE / "conv3d_motion_calib.npz"), np.load(CACHE / "conv3d_motion_eval.npz")
+    model, calib_path, eval_path = ds.conv3d_motion()
+    cal, ev = np.load(calib_path), np.load(eval_path)
     x, labels = ev["video"], ev["labels"]
     np.savez(work / "conv3d_calib.npz", video=cal["video"][:32])
     np.savez(work / "conv3d_eval.npz", video=x)
     data = ["--calib", str(work / "conv3d_calib.npz"), "--eval", str(work / "conv3d_eval.npz"),
             "--calib-count", str(len(x)), "--input-shape", "video:1x3x8x32x32"]
-    reference = run_batches(model, "video", x, "logits", 64)
-    base_acc = float((reference.argmax(1) == labels).mean())
+    reference = outputs(model, "video", x, "logits", 64)["logits"]
+    base_acc = scoring.accuracy(reference, labels)
     rows = []
     for i, flags in enumerate(CONV3D_FLAGS):
         row = compress(model, work / f"conv3d_{i}.onnx", flags, data)
         if row.ok:
-            out = run_batches(row.out, "video", x, "logits", 64)
-            row.extra = {"acc": float((out.argmax(1) == labels).mean()), "cos_min": float(cosines(reference, out).min())}
+            out = outputs(row.out, "video", x, "logits", 64)["logits"]
+            row.extra = {"acc": scoring.accuracy(out, labels), "cos_min": float(scoring.cosines(reference, out).min())}
         rows.append(row)
     columns = STANDARD + [
         ("cosine (tool)", lambda r: fmt(tool_cosine(r, "logits"), ".5f")),
@@ -309,45 +275,36 @@ VAD_FLAGS = ("--method svd --target-macs 0.7", "--method tucker2 --target-macs 0
 
 
 def vad(work: pathlib.Path) -> list[str]:
-    import bench
-
-    model = CACHE / "silero-vad-16k-sequence.onnx"
-    cal = bench.audio_windows(bench.synthetic_audio(32, 1, seed=31), 1)[:, 0]        # [32, 576]
-    seqs = bench.audio_windows(bench.synthetic_audio(32, 8, seed=32), 8)              # [32, 8, 576]
-    state = np.zeros((1, 1, 128), dtype=np.float32)
-
-    def zeros(n: int) -> np.ndarray:
-        return np.zeros((n, 1, 128), dtype=np.float32)
-    np.savez(work / "vad_calib.npz", input=cal, h=zeros(len(cal)), c=zeros(len(cal)))
-    np.savez(work / "vad_eval.npz", input=seqs[:, 3], h=zeros(len(seqs)), c=zeros(len(seqs)))
+    model = fetch("silero-vad-16k-sequence")
+    cal = ds.vad_windows(32, 1, seed=31)[:, 0]        # [32, 576]
+    seqs = ds.vad_windows(32, 8, seed=32)              # [32, 8, 576]
+    np.savez(work / "vad_calib.npz", input=cal, h=ds.vad_state(len(cal)), c=ds.vad_state(len(cal)))
+    np.savez(work / "vad_eval.npz", input=seqs[:, 3], h=ds.vad_state(len(seqs)), c=ds.vad_state(len(seqs)))
     data = ["--calib", str(work / "vad_calib.npz"), "--eval", str(work / "vad_eval.npz"),
             "--calib-count", "32", "--input-shape", "input:1x576"]
 
-    def sequences(path: pathlib.Path) -> np.ndarray:
-        sess = session(path)
-        return np.stack([sess.run(["speech_probs"], {"input": s, "h": state, "c": state})[0] for s in seqs])
+    feeds = [{"input": s, "h": ds.vad_state(1), "c": ds.vad_state(1)} for s in seqs]
+
+    def sequences(path: pathlib.Path) -> dict[str, np.ndarray]:
+        return run_model(path, feeds, 1, outputs=["speech_probs"], stack=True)
     reference = sequences(model)
     rows = []
     for i, flags in enumerate(VAD_FLAGS):
         row = compress(model, work / f"vad_{i}.onnx", flags, data)
         if row.ok:
-            out = sequences(row.out)
-            cos = cosines(reference, out)
-            row.extra = {"cos": float(cos.mean()), "cos_min": float(cos.min()),
-                         "max_dp": float(np.abs(reference - out).max()),
-                         "decision": float(((reference > 0.5) == (out > 0.5)).mean())}
+            row.extra = scoring.vad(reference, sequences(row.out))
         rows.append(row)
     columns = STANDARD + [
         ("cosine, 32 single windows (tool)", lambda r: fmt(tool_cosine(r, "speech_probs"), ".4f")),
-        ("per-sequence cosine mean (min)", lambda r: f"{r.extra['cos']:.4f} ({r.extra['cos_min']:.4f})"),
+        ("per-sequence cosine mean (min)", lambda r: f"{r.extra['cosine']:.4f} ({r.extra['cosine_min']:.4f})"),
         ("max abs dp", lambda r: fmt(r.extra["max_dp"], ".3f")),
         ("speech decision agree", lambda r: f"{r.extra['decision']:.2%}"),
     ] + SPEED + LAYERS
-    speech = float((reference > 0.5).mean())
+    speech = float((reference["speech_probs"] > scoring.SPEECH_THRESHOLD).mean())
     return ["## Conv1d: silero-vad-16k-sequence (voice activity detector)", "",
             "STFT as a Conv 258x1x256, four k=3 encoder Conv1d, an LSTM and a 1x1 output conv; inputs "
             "`input` [seq, 576], `h`, `c` [1,1,128]; output `speech_probs` [seq].",
-            "", "Synthetic speech-like 16 kHz audio (`tools/bench.py`'s `synthetic_audio`, `audio_windows`). "
+            "", "Synthetic speech-like 16 kHz audio (`benchlib.datasets.vad_windows`). "
             "Calibration: 32 single windows (seed 31) with zero h/c arrays [32,1,128], `--input-shape input:1x576` "
             "(the tool cuts every input on axis 0, so it can only calibrate and validate single windows). "
             "`--eval`: window 3 of each of 32 held-out signals (seed 32), zero state: the tool's cosine is over "
@@ -376,13 +333,13 @@ def vad_notes(rows: list[Row]) -> list[str | None]:
                             "channel is first expanded to R channels."),
         at7 and (f"Fidelity already suffers at 0.7 of the MACs: the speech decision agrees on "
                  f"{min(r.extra['decision'] for r in at7):.0%} to {max(r.extra['decision'] for r in at7):.0%} of "
-                 f"the windows and the worst sequence cosine is {min(r.extra['cos_min'] for r in at7):.3f}. The "
+                 f"the windows and the worst sequence cosine is {min(r.extra['cosine_min'] for r in at7):.3f}. The "
                  "convs sit before the LSTM, so single calibration windows show them the same inputs a sequence "
                  "would; what the tool cannot see (it cuts every input on axis 0, so a multi-window sequence "
                  "cannot be paired with the [1,1,128] state) is how their errors carry through the LSTM state "
                  "from window to window, which the sequence columns measure."),
         c7 and (f"The tool's single-window cosine and the sequence metrics can rank rows differently (cp at 0.7: "
-                f"{tool_cosine(c7, 'speech_probs'):.3f} on 32 single probabilities, {c7.extra['cos']:.3f} mean "
+                f"{tool_cosine(c7, 'speech_probs'):.3f} on 32 single probabilities, {c7.extra['cosine']:.3f} mean "
                 "per-sequence over 256 windows); the sequence columns are the larger sample."),
         s5 and (f"`{s5.flags}` meets the budget by rewriting {rewritten(s5)} (layers holding "
                 f"{rewritten_share(s5):.0%} of the model's MACs)."),
@@ -397,25 +354,21 @@ CONVT_FLAGS = ("--method tucker2 --rank-ratio 0.5", "--method tucker2 --rank-rat
 
 
 def convtranspose(work: pathlib.Path) -> list[str]:
-    import bench_budget as bb
-    import bench_data_aware as bda
-
-    model = CACHE / "ppocrv4-det.onnx"
+    model = fetch("ppocrv4-det")
     output = "sigmoid_0.tmp_0"
-    x = bda.det_set(bb.EVAL_IMAGES, bb.EVAL_WORDS, 8, seed=22, size=320)
-    np.savez(work / "det_calib.npz", x=bda.det_set(bb.CALIB_IMAGES, bb.CALIB_WORDS, 8, seed=21, size=320))
+    x = ds.det_set(ds.EVAL_IMAGES, ds.EVAL_WORDS, 8, seed=22, size=320)
+    np.savez(work / "det_calib.npz", x=ds.det_set(ds.CALIB_IMAGES, ds.CALIB_WORDS, 8, seed=21, size=320))
     np.savez(work / "det_eval.npz", x=x)
     data = ["--layers", "ConvTranspose", "--calib", str(work / "det_calib.npz"), "--eval", str(work / "det_eval.npz"),
             "--calib-count", "8", "--input-shape", "x:1x3x320x320"]
-    reference = run_batches(model, "x", x, output, 1)
+    reference = outputs(model, "x", x, output, 1)
+    score = scoring.textmap(output)
     rows = []
     for i, flags in enumerate(CONVT_FLAGS):
         row = compress(model, work / f"det_{i}.onnx", flags, data)
         if row.ok:
-            out = run_batches(row.out, "x", x, output, 1)
-            cos, iou = cosines(reference, out), textmap_iou(reference, out)
-            row.extra = {"cos": float(cos.mean()), "cos_min": float(cos.min()), "iou": float(iou.mean()),
-                         "iou_min": float(iou.min()), "max_abs": float(np.abs(reference - out).max()), "map": out}
+            out = outputs(row.out, "x", x, output, 1)
+            row.extra = {**score(reference, out), "map": out[output]}
         rows.append(row)
     first = next((r for r in rows if r.ok), None)
     convt = [d for d in first.report["layers"] if d["op"] == "ConvTranspose"] if first else []
@@ -425,7 +378,7 @@ def convtranspose(work: pathlib.Path) -> list[str]:
         ("MACs kept (model)", lambda r: fmt(kept(r, "macs"), ".4f")),
         ("ConvT weight rel. error", lambda r: " / ".join(fmt(d["weight_rel_error"], ".2g") for d in convt_layers(r))),
         ("cosine (tool)", lambda r: fmt(tool_cosine(r, output), ".5f")),
-        ("per-image cosine mean (min)", lambda r: f"{r.extra['cos']:.5f} ({r.extra['cos_min']:.5f})"),
+        ("per-image cosine mean (min)", lambda r: f"{r.extra['cosine']:.5f} ({r.extra['cosine_min']:.5f})"),
         ("text-map IoU mean (min)", lambda r: f"{r.extra['iou']:.4f} ({r.extra['iou_min']:.4f})"),
         ("max abs diff", lambda r: f"{r.extra['max_abs']:.2e}"),
     ] + SPEED + LAYERS
@@ -434,8 +387,8 @@ def convtranspose(work: pathlib.Path) -> list[str]:
             f"{layer_text}. *ConvT MACs kept* is the fraction of those two layers' MACs; *ConvT weight rel. "
             "error* is the report's `weight_rel_error` of each (null when no factorization was made).",
             "", "Input 1x3x320x320: 8 calibration crops of scikit-image sample images with rendered text "
-            f"(`det_set`, {', '.join(bb.CALIB_IMAGES)}, seed 21) and 8 held-out evaluation crops of other images "
-            f"and words ({', '.join(bb.EVAL_IMAGES)}, seed 22). Computed here on the written model: per-image "
+            f"(`det_set`, {', '.join(ds.CALIB_IMAGES)}, seed 21) and 8 held-out evaluation crops of other images "
+            f"and words ({', '.join(ds.EVAL_IMAGES)}, seed 22). Computed here on the written model: per-image "
             f"cosine of `{output}`, text-map IoU (both maps binarised at 0.3, per image), the largest absolute "
             "difference of the probability map.",
             "", *command_block(rows[0], "`--layers ConvTranspose` is in every row"),
@@ -492,15 +445,14 @@ def convt_notes(rows: list[Row]) -> list[str | None]:
 
 
 def digits_data() -> tuple[list[str], np.ndarray, np.ndarray]:
-    test = np.load(DIGITS / "digits_test.npz")
-    data = ["--calib", str(DIGITS / "digits_train.npz"), "--eval", str(DIGITS / "digits_test.npz"),
-            "--calib-count", str(len(test["labels"]))]
+    test = np.load(ds.DIGITS_TEST)
+    data = ["--calib", str(ds.DIGITS_TRAIN), "--eval", str(ds.DIGITS_TEST), "--calib-count", str(len(test["labels"]))]
     return data, test["input"], test["labels"]
 
 
 def digits_accuracy(path: pathlib.Path, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    logits = run_batches(path, "input", x, "logits", 360)
-    return float((logits.argmax(1) == labels).mean()), logits
+    logits = outputs(path, "input", x, "logits", 360)["logits"]
+    return scoring.accuracy(logits, labels), logits
 
 
 DIGITS_COLUMNS = STANDARD + [
@@ -518,7 +470,7 @@ def digits_intro(x: np.ndarray, base_acc: float) -> str:
 
 
 def keep_structure(work: pathlib.Path) -> list[str]:
-    model = DIGITS / "digits_cnn.onnx"
+    model = ds.DIGITS_MODEL
     data, x, labels = digits_data()
     base_acc, _ = digits_accuracy(model, x, labels)
     rows = []
@@ -543,7 +495,7 @@ def keep_notes(rows: list[Row], count: int) -> list[str | None]:
     return [
         f"The two written models on the {count} test images: largest absolute logit difference **{diff:.3g}**, "
         f"{diff / scale:.1e} of the largest |logit| ({scale:.3g}), i.e. float32 rounding; identical top-1 on "
-        f"{(a.argmax(1) == b.argmax(1)).mean():.2%}. The two runs chose "
+        f"{scoring.top1(a, b):.2%}. The two runs chose "
         f"{'the same' if ranks[0] == ranks[1] else 'DIFFERENT'} ranks per layer.",
         f"`--keep-structure` writes the same approximation into the original graph: MACs and parameters stay "
         f"{kept(keep, 'macs'):.3f} / {kept(keep, 'params'):.3f} and the speed-up x{speedup(keep):.2f}, against "
@@ -553,7 +505,7 @@ def keep_notes(rows: list[Row], count: int) -> list[str | None]:
 
 
 def versatile(work: pathlib.Path) -> list[str]:
-    model = DIGITS / "digits_cnn.onnx"
+    model = ds.DIGITS_MODEL
     data, x, labels = digits_data()
     base_acc, _ = digits_accuracy(model, x, labels)
     rows = []
@@ -610,29 +562,16 @@ BUILDERS = {"conv3d": conv3d, "vad": vad, "convtranspose": convtranspose, "keep-
 # Machine and document
 
 
-def machine(load_start: tuple, load_end: tuple) -> str:
-    import onnxruntime
-    from bench_budget import package_provenance
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    flags = pathlib.Path("/proc/cpuinfo").read_text()
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return (f"Machine: {cpu} ({isa}), {os.cpu_count()} CPU cores, {platform.platform()}, Python "
-            f"{platform.python_version()}, onnxruntime {onnxruntime.__version__} (CPU), CLI `{shutil.which('onnx-lowrank')}`. "
-            f"Load average {', '.join(f'{v:.2f}' for v in load_start)} at the start and "
-            f"{', '.join(f'{v:.2f}' for v in load_end)} at the end: the 2-core machine was shared with other "
-            f"benchmarks, so latencies and wall times are indicative (one run each). {package_provenance()}.")
+def machine(load_start: str, load_end: str) -> str:
+    return (f"Machine: {provenance.machine()} (CPU), CLI `{shutil.which('onnx-lowrank')}`. "
+            f"Load average {load_start} at the start and {load_end} at the end: the 2-core machine was shared with "
+            "other benchmarks, so latencies and wall times are indicative (one run each). "
+            f"{provenance.package_provenance()}.")
 
 
 HEADER = """# Structures: Conv3d, Conv1d, ConvTranspose, keep-structure, versatile filters
 
-Generated by `tools/bench_structures.py`; command:
-
-```sh
-{command}
-```
-
+{generated}
 {machine}
 
 Every row is one `onnx-lowrank compress MODEL -o OUT FLAGS --calib ... --eval ... --batch-size 1 --threads 1 --json`
@@ -658,16 +597,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(sections) - set(BUILDERS))
     if unknown:
         parser.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
-    load_start, start = os.getloadavg(), time.perf_counter()
+    load_start, start = provenance.load_average(), time.perf_counter()
     body: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench_structures_") as tmp:
         for name in sections:
             print(f"[{name}]", flush=True)
             body += BUILDERS[name](pathlib.Path(tmp))
-    command = "python tools/bench_structures.py" + ("" if args.sections == ",".join(SECTIONS) else f" --sections {args.sections}")
-    text = HEADER.format(command=command, machine=machine(load_start, os.getloadavg())) + "\n".join(body)
+    command = provenance.command_line("bench_structures.py", sys.argv[1:] if argv is None else argv)
+    text = HEADER.format(generated="\n".join(markdown.generated_by("bench_structures.py", command)),
+                         machine=machine(load_start, provenance.load_average())) + "\n".join(body)
     text += f"\nTotal benchmark time: {time.perf_counter() - start:.0f} s.\n"
-    pathlib.Path(args.out).write_text(text)
+    markdown.write(args.out, text)
     print(f"wrote {args.out}")
     return 0
 

@@ -46,37 +46,23 @@ import traceback
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-
+from benchlib.inference import session
+from benchlib.zoo import sigmoid_inputs, with_outputs, zoo_feeds
 from fetch_models import fetch, load_zoo
 
-from onnx_lowrank import api, factorize, inputs
-from onnx_lowrank.compare import compare_models
-from onnx_lowrank.config import METHOD_NAMES, Settings
+from onnx_lowrank import api, compare, factorize
+from onnx_lowrank.config import Settings
+from onnx_lowrank.graph import canonicalize, find_layers, infer_shapes
+from onnx_lowrank.methods import MethodSet, method_names
 from onnx_lowrank.model import load_model
 from onnx_lowrank.passes import (
-    CanonicalizePass,
-    CountPass,
-    FactorizePass,
-    FindLayersPass,
-    PassManager,
-    RewritePass,
-    Workspace,
-    layer_output_errors,
+    CanonicalizePass, CountPass, FactorizePass, FindLayersPass, Pipeline, RewritePass, Workspace,
 )
+from onnx_lowrank.passes.guard import layer_output_errors
 from onnx_lowrank.ranks import RankRatio
 
 EXACT_METHODS = ("svd", "spatial-svd", "tiled-svd", "tucker2")
 COSTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-#: Per model, inputs whose random values would be meaningless: a value broadcast to the input's shape.
-FEED_OVERRIDES: dict[str, dict[str, object]] = {
-    "silero-vad": {"sr": 16000},
-    "silero-vad-op18-ifless": {"sr": 16000},
-    "all-minilm-l6-v2": {"attention_mask": 1, "token_type_ids": 0},
-}
 
 
 @dataclasses.dataclass
@@ -102,40 +88,17 @@ class Row:
     failed: bool = False
 
 
-def make_feeds(name: str, model: onnx.ModelProto, shapes: list[str], count: int, seed: int = 0) -> list[dict]:
-    specs = inputs.input_specs(model)
-    resolved = inputs.resolve_shapes(specs, inputs.parse_input_shapes(shapes))
-    feeds = inputs.random_feeds(specs, resolved, count=count, seed=seed)
-    dtypes = {s.name: s.dtype for s in specs}
-    for feed in feeds:
-        for key, value in FEED_OVERRIDES.get(name, {}).items():
-            if key in feed:
-                feed[key] = np.full(feed[key].shape, value, dtype=dtypes[key])
-    return feeds
-
-
 def independent_macs(model: onnx.ModelProto, feed: dict) -> dict[str, int]:
     """MACs of every main-graph Conv/ConvTranspose/Gemm/MatMul from the shapes onnxruntime produces."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    inits = {t.name: tuple(t.dims) for t in probe.graph.initializer}
-    produced = {o for n in probe.graph.node for o in n.output} | {i.name for i in probe.graph.input}
-    nodes = [n for n in probe.graph.node if n.op_type in COSTED and n.domain in ("", "ai.onnx")]
-    wanted = []
-    for node in nodes:
-        for name in (*node.input[:2], node.output[0]):
-            if name in produced and name not in wanted:
-                wanted.append(name)
-    known = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in known:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}}
-    shapes = dict(zip(wanted, (v.shape for v in session.run(wanted, feed))))
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    nodes = [n for n in model.graph.node if n.op_type in COSTED and n.domain in ("", "ai.onnx")]
+    wanted = list(dict.fromkeys(name for node in nodes for name in (*node.input[:2], node.output[0])
+                                if name in produced))
+    probe = session(with_outputs(model, wanted).SerializeToString(), log_severity=4,
+                    graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    feed = {k: v for k, v in feed.items() if k in {i.name for i in probe.get_inputs()}}
+    shapes = dict(zip(wanted, (v.shape for v in probe.run(wanted, feed))))
     shapes.update(inits)
     macs = {}
     for node in nodes:
@@ -166,15 +129,17 @@ def check_macs(row: Row, layers, model: onnx.ModelProto, feed: dict, which: str)
             row.failed = True
 
 
-def inspect_step(row: Row, path: pathlib.Path, shapes: list[str], feed: dict) -> None:
+def inspect_step(row: Row, path: pathlib.Path, shapes: list[str], feed: dict) -> api.InspectResult:
+    """`api.inspect` of the model; its layers' MACs checked against `independent_macs`."""
     start = time.perf_counter()
-    ws = api.inspect(str(path), shapes)
+    inspected = api.inspect(str(path), shapes)
     row.t_inspect = time.perf_counter() - start
-    row.layers = len(ws.layers)
-    row.candidates = sum(layer.candidate for layer in ws.layers)
-    row.macs_before = ws.totals_before["macs"]
-    row.params_before = ws.totals_before["params"]
-    check_macs(row, ws.layers, ws.canonical, feed, "original")
+    row.layers = len(inspected.layers)
+    row.candidates = sum(layer.candidate for layer in inspected.layers)
+    row.macs_before = inspected.totals["macs"]
+    row.params_before = inspected.totals["params"]
+    check_macs(row, inspected.layers, canonicalize(load_model(path)), feed, "original")
+    return inspected
 
 
 def skip_histogram(layers) -> collections.Counter:
@@ -182,12 +147,13 @@ def skip_histogram(layers) -> collections.Counter:
 
 
 def rewrite_step(row: Row, model: onnx.ModelProto, method: str, shapes: list[str]) -> Workspace:
-    pinned = inputs.parse_input_shapes(shapes)
-    ws = Workspace(original=model, model=model, settings=Settings(method=method, input_shape=tuple(shapes)))
+    """Every candidate factorized at full rank (`RankRatio(1.0)`, MAC savings not required) and rewritten."""
+    settings = Settings(method=method, input_shape=tuple(shapes))
+    ws = Workspace(original=model, model=model, settings=settings)
     start = time.perf_counter()
-    PassManager([CanonicalizePass(), FindLayersPass(pinned),
-                 FactorizePass(method, RankRatio(1.0), require_savings=False),
-                 RewritePass(), CountPass(pinned)]).run(ws)
+    Pipeline([CanonicalizePass(), FindLayersPass(),
+              FactorizePass(MethodSet(settings), method, RankRatio(1.0), require_savings=False),
+              RewritePass(), CountPass()]).run(ws)
     row.t_rewrite = time.perf_counter() - start
     row.rewritten = len(ws.rewritten)
     if ws.rewritten:
@@ -207,40 +173,9 @@ def rewrite_step(row: Row, model: onnx.ModelProto, method: str, shapes: list[str
     return ws
 
 
-SHAPE_ONLY = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
-
-
-def sigmoid_inputs(model: onnx.ModelProto) -> dict[str, str]:
-    """{graph output: input of the Sigmoid it is, through shape-only ops} for sigmoid-headed outputs.
-
-    onnxruntime's Sigmoid is accurate to ~1e-7 ABSOLUTE: outputs near 0 (a detector's background
-    on random input) carry a relative error of 1e-3 from a 1-ulp change in the input, whatever
-    the rewrite. The pre-sigmoid tensor is the fair place to judge exactness.
-    """
-    producers = {o: n for n in model.graph.node for o in n.output}
-    found = {}
-    for output in model.graph.output:
-        node = producers.get(output.name)
-        while node is not None and node.op_type in SHAPE_ONLY:
-            node = producers.get(node.input[0])
-        if node is not None and node.op_type == "Sigmoid":
-            found[output.name] = node.input[0]
-    return found
-
-
-def _with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    known = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in known:
-            out.graph.output.append(onnx.ValueInfoProto(name=name))
-    return out
-
-
 def validate_step(row: Row, ws: Workspace, feeds: list[dict], threads: int, tolerance: float) -> None:
     start = time.perf_counter()
-    result = compare_models(ws.original, ws.model, feeds, provider="cpu", threads=threads)
+    result = compare.compare_models(ws.original, ws.model, feeds, provider="cpu", threads=threads)
     worst = max(result.outputs, key=lambda o: o.rel_l2 if np.isfinite(o.rel_l2) else np.inf)
     row.max_rel_l2 = worst.rel_l2
     row.worst_output = worst.name
@@ -248,8 +183,8 @@ def validate_step(row: Row, ws: Workspace, feeds: list[dict], threads: int, tole
     pre = sigmoid_inputs(ws.canonical)
     if pre and ws.rewritten:
         extra = sorted(set(pre.values()))
-        both = compare_models(_with_outputs(ws.canonical, extra), _with_outputs(ws.model, extra),
-                              feeds, provider="cpu", threads=threads)
+        both = compare.compare_models(with_outputs(ws.canonical, extra), with_outputs(ws.model, extra),
+                                      feeds, provider="cpu", threads=threads)
         errors = {o.name: o.rel_l2 for o in both.outputs}
         row.pre_sigmoid = max(errors[n] for n in extra)
         judged = max([errors[n] for n in extra]
@@ -272,16 +207,16 @@ def check(name: str, entry: dict, methods: list[str], n_feeds: int, threads: int
     path = fetch(name)
     shapes = list(entry["input_shape"])
     model = load_model(path)
-    feeds = make_feeds(name, model, shapes, n_feeds)
+    feeds = zoo_feeds(name, model, shapes, n_feeds)
     rows = []
     histogram = None
     for method in methods:
         row = Row(name, method)
         rows.append(row)
         try:
-            inspect_step(row, path, shapes, feeds[0])
+            inspected = inspect_step(row, path, shapes, feeds[0])
             if histogram is None:
-                histogram = skip_histogram(api.inspect(str(path), shapes).layers)
+                histogram = skip_histogram(inspected.layers)
                 log(f"## {name}: {row.layers} layers, {row.candidates} candidates, "
                     f"{row.macs_before:,} MACs, {row.params_before:,} params")
                 for reason, count in histogram.most_common():
@@ -304,12 +239,9 @@ def check(name: str, entry: dict, methods: list[str], n_feeds: int, threads: int
 
 def _chain_layers(ws: Workspace):
     """Every layer of the rewritten model as CountPass finds them (for the independent MAC check)."""
-    from onnx_lowrank.graph import find_layers, infer_shapes
-
     model = ws.model
-    pinned = inputs.parse_input_shapes(ws.settings.input_shape)
     need = {t for n in model.graph.node if n.op_type in COSTED for t in (*n.input[:2], n.output[0])}
-    return find_layers(model, infer_shapes(model, pinned, need=need))
+    return find_layers(model, infer_shapes(model, ws.pinned, need=need))
 
 
 def _fmt(value) -> str:
@@ -337,7 +269,7 @@ def table(rows: list[Row]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated zoo names (default: all)")
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
+    parser.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods")
     parser.add_argument("--out", help="write the Markdown table here too")
     parser.add_argument("--feeds", type=int, default=2, help="random inputs per model (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
@@ -351,7 +283,7 @@ def main(argv=None) -> int:
     names = args.models.split(",") if args.models else list(zoo)
     unknown = [n for n in names if n not in zoo]
     methods = args.methods.split(",")
-    bad = [m for m in methods if m not in METHOD_NAMES]
+    bad = [m for m in methods if m not in method_names()]
     if unknown or bad:
         parser.error(f"unknown model(s) {unknown} or method(s) {bad}")
     if args.cp_time_limit is not None:

@@ -41,6 +41,8 @@ import sys
 import tempfile
 import warnings
 
+from fetch_models import default_cache_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -52,13 +54,6 @@ SAMPLE_SENTENCES = [
     "Low-rank factorisation shrinks the matrices of a transformer.",
     "A short one.",
 ]
-
-
-def default_cache_dir() -> pathlib.Path:
-    env = os.environ.get("ONNX_LOWRANK_CACHE")
-    if env:
-        return pathlib.Path(env).expanduser()
-    return pathlib.Path("~/.cache/onnx-lowrank/models").expanduser()
 
 
 def _model_dir() -> pathlib.Path:

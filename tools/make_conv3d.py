@@ -42,9 +42,6 @@ import time
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-
 FRAMES, SIZE, CLASSES = 8, 32, 4
 LABELS = ("left", "right", "up", "down")
 MODEL_NAME = "conv3d_motion"
@@ -107,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from bench_common import export_torch
+    from benchlib.datasets import batched
+    from benchlib.inference import run_model
+    from benchlib.scoring import accuracy
+    from benchlib.torch_export import export_torch
     from fetch_models import default_cache_dir
 
     out_dir = pathlib.Path(args.out_dir).expanduser() if args.out_dir else default_cache_dir()
@@ -137,13 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         torch_logits = model(torch.from_numpy(eval_x)).numpy()
     path = out_dir / f"{MODEL_NAME}.onnx"
     export_torch(model, torch.from_numpy(eval_x[:1]), path, "video", "logits")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ort_logits = np.concatenate([session.run(None, {"video": eval_x[i:i + 64]})[0] for i in range(0, 256, 64)])
+    ort_logits = run_model(path, batched({"video": eval_x}, 64), threads=None)["logits"]
     np.savez(out_dir / f"{MODEL_NAME}_calib.npz", video=calib_x, labels=calib_y)
     np.savez(out_dir / f"{MODEL_NAME}_eval.npz", video=eval_x, labels=eval_y)
     result = {"model": str(path), "train_seconds": round(train_s, 1), "steps": args.steps,
-              "torch_accuracy": float((torch_logits.argmax(1) == eval_y).mean()),
-              "onnxruntime_accuracy": float((ort_logits.argmax(1) == eval_y).mean()),
+              "torch_accuracy": accuracy(torch_logits, eval_y), "onnxruntime_accuracy": accuracy(ort_logits, eval_y),
               "max_logit_diff": float(np.abs(torch_logits - ort_logits).max()),
               "torch": torch.__version__, "onnxruntime": ort.__version__}
     print(json.dumps(result))

@@ -9,7 +9,7 @@ descent, starting from the package's data-aware result.
 
 1. Compress `ppocrv4-rec` with the package's default data-aware fit (sequential, refit, bias
    correction, output-weighted allocation) at `--target` of the MACs, calibrated on the first 64
-   lines of tools/bench_data_aware.py's calibration set (its `rec_set`, seed 11).
+   lines of tools/bench_data_aware.py's calibration set (`benchlib.datasets.rec_set`, seed 11).
 2. Convert the compressed ONNX model to PyTorch with onnx2torch (inference-mode BatchNorm).
 3. Train with Adam on `--calib-count` calibration lines (the same generator and seed, so the first
    64 are the lines of step 1), batches of 16, minimising the per-time-step KL divergence
@@ -35,13 +35,10 @@ import sys
 import tempfile
 import time
 
+import bench_data_aware
 import numpy as np
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-
-import bench_budget as bb  # noqa: E402
-import bench_data_aware as bda  # noqa: E402
+from benchlib import datasets as ds
+from benchlib import scoring
 
 
 def to_torch(path: pathlib.Path, batch_shape: tuple[int, ...]):
@@ -86,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     from onnx_lowrank.config import Settings
 
     torch.set_num_threads(args.threads)
-    case = bda.build_case("ppocrv4-rec", {}, quick=False)      # the benchmark's model, lines and scores
+    case = bench_data_aware.ppocrv4_rec({}, quick=False)      # the benchmark's model, lines and scores
     held_out = case.eval_x
     # The benchmark's calibration generator and seed, drawn further: its first lines are case.calib.
-    calib, calib_texts = bda.rec_set(bb.CALIB_WORDS, max(args.calib_count, case.calib_count), seed=11)
+    calib, calib_texts = ds.rec_set(ds.CALIB_WORDS, max(args.calib_count, case.calib_count), seed=11)
     assert np.array_equal(calib[:case.calib_count], case.calib)
-    score_fit = bda.score_ctc(calib_texts[:case.calib_count], bda.rec_charset(case.path))
+    score_fit = scoring.ctc(case.output, scoring.rec_charset(case.path), calib_texts[:case.calib_count])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         calib_path, compressed = pathlib.Path(tmp) / "calib.npz", pathlib.Path(tmp) / "rec.onnx"
@@ -102,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         student = to_torch(compressed, (case.batch, *held_out.shape[1:])).eval()
     print(f"compressed to {args.target:g} of the MACs in {time.perf_counter() - start:.0f} s", flush=True)
 
-    teacher_calib = bda.run_model(case.path, case.arrays(calib), args.threads)
-    teacher_held_out = bda.run_model(case.path, case.arrays(held_out), args.threads)
+    teacher_calib = case.evaluate(case.path, args.threads, calib)[case.output]
+    teacher_held_out = case.evaluate(case.path, args.threads)
     trained = [p for name, p in student.named_parameters() if args.train == "all" or "/lowrank/" in name]
     for p in student.parameters():
         p.requires_grad_(any(p is q for q in trained))          # frozen ones need no gradient
@@ -119,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for i in range(0, len(x), case.batch)])
 
     def report(step: int, loss: float) -> None:
-        held = case.score(teacher_held_out, outputs(held_out))
-        fit = score_fit(teacher_calib[:case.calib_count], outputs(calib[:case.calib_count]))
+        held = case.score(teacher_held_out, {case.output: outputs(held_out)})
+        fit = score_fit({case.output: teacher_calib[:case.calib_count]}, {case.output: outputs(calib[:case.calib_count])})
         print(f"step {step:4d}  loss {loss:.4f}  held-out: strings {held['strings']:.3f} chars "
               f"{held['chars']:.3f} reads right {held['read']:.3f} cosine {held['cosine']:.4f}  "
               f"calibration: strings {fit['strings']:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)

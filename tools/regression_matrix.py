@@ -29,12 +29,12 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import tomllib
 
 import numpy as np
+from benchlib import datasets as ds
+from benchlib.inference import run_model
+from fetch_models import default_cache_dir, load_zoo
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-ZOO = REPO / "models" / "zoo.toml"
 METHODS = ("svd", "spatial-svd", "tiled-svd", "tucker2", "cp", "cp-depthwise", "versatile", "versatile-channel")
 CALIB_COUNT = 4
 EVAL_COUNT = 2
@@ -53,11 +53,11 @@ def configurations() -> list[tuple[str, list[str]]]:
 
 def models(cache: pathlib.Path, names: list[str] | None) -> dict[str, tuple[pathlib.Path, list[str]]]:
     """name -> (path, --input-shape pins): the bundled digits model and every cached zoo model."""
-    found = {"digits": (REPO / "models" / "digits_cnn.onnx", ["input:1x1x8x8"])}
-    for entry in tomllib.loads(ZOO.read_text())["model"]:
-        path = cache / f"{entry['name']}.onnx"
+    found = {"digits": (ds.DIGITS_MODEL, ["input:1x1x8x8"])}
+    for name, entry in load_zoo().items():
+        path = cache / f"{name}.onnx"
         if path.exists():
-            found[entry["name"]] = (path, list(entry.get("input_shape", [])))
+            found[name] = (path, list(entry["input_shape"]))
     if names:
         missing = sorted(set(names) - found.keys())
         if missing:
@@ -111,19 +111,6 @@ def _calibration_file(path: pathlib.Path, feeds: list[dict[str, np.ndarray]]) ->
                       else np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
 
 
-def _run_model(path: pathlib.Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The model's outputs for each feed in turn, stacked (onnxruntime CPU, one thread)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    runs = [session.run(None, feed) for feed in feeds]
-    return {name: np.stack([run[i] for run in runs]) for i, name in enumerate(names)}
-
-
 def _case(spec: dict) -> dict:
     out_dir = pathlib.Path(spec["out_dir"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +129,7 @@ def _case(spec: dict) -> dict:
             code, error = -1, f"timed out after {RUN_TIMEOUT_S} s"
         row = {"case": spec["case"], "exit": code, "error": error if code else None}
         if code == 0:
-            outputs = _run_model(output, _load_feeds(pathlib.Path(spec["eval"])))
+            outputs = run_model(output, _load_feeds(pathlib.Path(spec["eval"])), stack=True)
             np.savez(out_dir / f"{spec['case']}.npz", **outputs)
     return row
 
@@ -155,7 +142,7 @@ def snapshot(out_dir: pathlib.Path, names: list[str] | None, jobs: int, cache: p
         evaluation = _samples(path, pins, EVAL_COUNT, seed=1)
         _save_feeds(eval_path, evaluation)
         _calibration_file(calib_path, _samples(path, pins, CALIB_COUNT, seed=2))
-        np.savez(out_dir / f"{name}.original.npz", **_run_model(path, evaluation))
+        np.savez(out_dir / f"{name}.original.npz", **run_model(path, evaluation, stack=True))
         for label, flags in configurations():
             for calib in (False, True):
                 specs.append({"case": f"{name}.{label}{'.calib' if calib else ''}", "model": str(path),
@@ -207,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     take.add_argument("out_dir", type=pathlib.Path)
     take.add_argument("--models", help="comma-separated names (default: digits and every cached zoo model)")
     take.add_argument("--jobs", type=int, default=2)
-    take.add_argument("--cache-dir", type=pathlib.Path,
-                      default=pathlib.Path(os.environ.get("ONNX_LOWRANK_CACHE", "~/.cache/onnx-lowrank")).expanduser() / "models")
+    take.add_argument("--cache-dir", type=pathlib.Path, default=default_cache_dir())
     check = commands.add_parser("compare")
     check.add_argument("before", type=pathlib.Path)
     check.add_argument("after", type=pathlib.Path)

@@ -30,11 +30,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from benchlib import REPO
+from benchlib.scoring import accuracy
+from benchlib.torch_export import MAX_IR_VERSION
 
 SEED = 0
 OPSET = 17
-MAX_IR_VERSION = 10
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -110,7 +111,7 @@ def accuracy_torch(model, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarr
     model.eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(x)).numpy()
-    return float((logits.argmax(1) == y).mean()), logits
+    return accuracy(logits, y), logits
 
 
 def train(model, x_train, y_train, x_test, y_test, epochs: int, batch_size: int):
@@ -184,7 +185,7 @@ def export_onnx(model, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "models",
+    ap.add_argument("--out-dir", type=Path, default=REPO / "models",
                     help="output directory (default: the repo's models/)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_logits = sess.run(["logits"], {"input": x_test})[0]
-    onnx_acc = float((onnx_logits.argmax(1) == y_test).mean())
+    onnx_acc = accuracy(onnx_logits, y_test)
     max_diff = float(np.abs(onnx_logits - torch_logits).max())
     print(f"torch test accuracy: {torch_acc:.4f}")
     print(f"onnx  test accuracy: {onnx_acc:.4f}  (max |logit diff| {max_diff:.2e})")
