@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.metrics import Metric, load_metric
+from onnx_lowrank.metrics import Metric, classifier_output, load_metric, top1_matches
 from onnx_lowrank.runtime import ModelLike, ProviderChoice, Session, make_session, resolve_provider
 from onnx_lowrank.timing import LatencyStats
 
@@ -175,20 +175,18 @@ class _ErrorAccumulator:
 
 
 class _Top1Counter:
-    """Streaming arg-max agreement of the first output shaped ``[N, classes]`` (classes > 1)."""
+    """Streaming arg-max agreement of the output `metrics.classifier_output` picks."""
 
     def __init__(self, first: Feed):
-        names = [n for n, a in first.items() if a.ndim == 2 and a.shape[1] > 1]
-        self.name = names[0] if names else None
+        self.name = classifier_output(first)
         self.same = self.total = 0
 
     def add(self, a: Feed, b: Feed) -> None:
         if self.name is None:
             return
-        self.same += int(
-            np.count_nonzero(a[self.name].argmax(axis=1) == b[self.name].argmax(axis=1))
-        )
-        self.total += a[self.name].shape[0]
+        same, rows = top1_matches(a[self.name], b[self.name])
+        self.same += same
+        self.total += rows
 
     def result(self) -> float | None:
         return self.same / self.total if self.name is not None and self.total else None

@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,9 @@ from onnx_lowrank.errors import InputError
 __all__ = [
     "BUILTIN_METRICS",
     "Metric",
+    "classifier_output",
     "classifier_top1",
+    "top1_matches",
     "ctc_agreement",
     "ctc_greedy",
     "detection_f1",
@@ -98,31 +100,33 @@ def _pick_output(
     return name
 
 
+def classifier_output(outputs: Mapping[str, np.ndarray]) -> str | None:
+    """The output top-1 agreement reads, by one rule for `classifier_top1` and the validation:
+    the first shaped ``[N, classes]`` with more than one class, else None."""
+    return next((name for name, a in outputs.items() if np.ndim(a) == 2 and np.shape(a)[1] > 1), None)
+
+
+def top1_matches(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(rows whose arg-max agrees, rows) of two ``[N, classes]`` arrays."""
+    return int(np.count_nonzero(a.argmax(axis=-1) == b.argmax(axis=-1))), a.size // a.shape[-1]
+
+
 def classifier_top1(original: Outputs, candidate: Outputs, *, output: str | None = None) -> float:
     """Top-1 agreement: the fraction of rows where both models pick the same class.
 
-    ``mean_i [argmax_c a[i, c] == argmax_c b[i, c]]`` over every row ``i`` of every batch,
-    for an output shaped ``[N, classes]`` (leading axes beyond two are treated as more rows).
+    ``mean_i [argmax_c a[i, c] == argmax_c b[i, c]]`` over every row ``i`` of every batch, for
+    the output `classifier_output` picks (or `output`).
 
     Args:
         original: per-batch outputs of the original model.
         candidate: per-batch outputs of the candidate.
-        output: the output to read; default: the first 2-D output with more than one
-            class, else the first output of rank >= 2 whose last axis has more than one entry.
+        output: the output to read; default: the first 2-D output with more than one class.
 
     Raises:
         InputError: no suitable output, or shapes that differ.
     """
-    if output is None and original:
-        two_d = [n for n, a in original[0].items() if np.ndim(a) == 2 and np.shape(a)[1] > 1]
-        output = two_d[0] if two_d else None
-    name = _pick_output(
-        original,
-        candidate,
-        lambda a: a.ndim >= 2 and a.shape[-1] > 1,
-        "top-1 agreement (an output shaped [N, classes])",
-        output,
-    )
+    name = _pick_output(original, candidate, lambda a: a.ndim == 2 and a.shape[-1] > 1,
+                        "top-1 agreement (an output shaped [N, classes])", output)
     same = total = 0
     for a_batch, b_batch in zip(original, candidate, strict=True):
         a, b = np.asarray(a_batch[name]), np.asarray(b_batch[name])
@@ -131,8 +135,8 @@ def classifier_top1(original: Outputs, candidate: Outputs, *, output: str | None
                 f"top-1 agreement: output '{name}' has shape {a.shape} in the original but "
                 f"{b.shape} in the candidate"
             )
-        same += int(np.count_nonzero(a.argmax(axis=-1) == b.argmax(axis=-1)))
-        total += a.size // a.shape[-1]
+        agree, rows = top1_matches(a, b)
+        same, total = same + agree, total + rows
     return same / total if total else 1.0
 
 

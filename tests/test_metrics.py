@@ -337,3 +337,21 @@ def test_load_metric_module_raising_on_import(tmp_path):
     script.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(InputError, match="RuntimeError: boom"):
         load_metric(f"{script}:f")
+
+
+def test_validation_and_the_top1_metric_read_the_same_output_by_one_rule():
+    from onnx_lowrank.compare import _Top1Counter
+
+    rng = np.random.default_rng(3)
+    original = {"features": rng.standard_normal((6, 1)), "sequence": rng.standard_normal((6, 4, 7)),
+                "probs": rng.standard_normal((6, 5))}
+    candidate = {name: value + 0.8 * rng.standard_normal(value.shape) for name, value in original.items()}
+    counter = _Top1Counter(original)
+    counter.add(original, candidate)
+    assert counter.name == "probs"
+    assert counter.result() == classifier_top1([original], [candidate])
+    # No [N, classes] output: neither reads the per-step [N, T, C] one as if it were.
+    sequence_only = {"sequence": original["sequence"]}
+    assert _Top1Counter(sequence_only).result() is None
+    with pytest.raises(InputError, match="no output of the expected shape"):
+        classifier_top1([sequence_only], [sequence_only])
