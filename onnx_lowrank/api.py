@@ -19,37 +19,11 @@ from onnx_lowrank.config import Settings
 from onnx_lowrank.errors import BoundError, InputError
 from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.model import load_model, save_model
-from onnx_lowrank.passes import PassTiming, Pipeline, Tracker, Workspace, default_pipeline, plain_tracker
+from onnx_lowrank.passes import LayerResult, PassTiming, Pipeline, Tracker, Workspace, default_pipeline, plain_tracker
 from onnx_lowrank.passes.pipeline import inspect_pipeline
 from onnx_lowrank.report import compression_report, report_curves, write_report
 
 __all__ = ["CompressionResult", "InspectResult", "LayerResult", "compress", "inspect", "project"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerResult:
-    """What happened to one layer (the report contract's per-layer object, `to_dict()`)."""
-
-    name: str
-    op: str
-    method: str | None
-    ranks: tuple[int, ...] | None
-    status: str
-    reason: str | None
-    macs_before: int
-    macs_after: int
-    params_before: int
-    params_after: int
-    weight_rel_error: float | None = None
-    output_rel_error: float | None = None
-    latency_ms_before: float | None = None
-    latency_ms_after: float | None = None
-    output_gain: float | None = None
-
-    def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["ranks"] = list(self.ranks) if self.ranks else None
-        return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +98,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
     timings = pipeline.run(workspace, tracker)
     result = CompressionResult(
         model=workspace.model, settings=settings,
-        layers=tuple(LayerResult(**_layer_fields(d.to_dict())) for d in workspace.decisions.values()),
+        layers=tuple(d.result() for d in workspace.decisions.values()),
         totals_before=dict(workspace.totals_before), totals_after=dict(workspace.totals_after),
         folds=workspace.folds, validation=workspace.validation, timings=tuple(timings),
         curves=report_curves(workspace) if settings.report is not None else None)
@@ -135,11 +109,6 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
     if settings.require_speedup:
         _check_speedup(result)
     return result
-
-
-def _layer_fields(values: dict) -> dict:
-    values["ranks"] = tuple(values["ranks"]) if values["ranks"] else None
-    return values
 
 
 def _name(path) -> str:

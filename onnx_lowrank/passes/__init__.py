@@ -2,7 +2,7 @@
 default pipeline for a set of settings (`pipeline.default_pipeline`)."""
 
 from onnx_lowrank.passes.base import (
-    ARTIFACTS, LayerDecision, Pass, PassResult, PassTiming, Pipeline, Tracker, Workspace, plain_tracker,
+    ARTIFACTS, LayerDecision, LayerResult, Pass, PassResult, PassTiming, Pipeline, Tracker, Workspace, plain_tracker,
 )
 from onnx_lowrank.passes.budget import BudgetPass
 from onnx_lowrank.passes.factorize import FactorizePass
@@ -16,7 +16,7 @@ from onnx_lowrank.passes.statistics import DataSpectraPass, OutputGainsPass
 
 __all__ = [
     "ARTIFACTS", "BudgetPass", "CanonicalizePass", "CountPass", "DataSpectraPass", "FactorizePass",
-    "FindLayersPass", "FoldPass", "GuardPass", "LatencyJudge", "LayerDecision", "LoadInputsPass",
+    "FindLayersPass", "FoldPass", "GuardPass", "LatencyJudge", "LayerDecision", "LayerResult", "LoadInputsPass",
     "OutputGainsPass", "Pass", "PassResult", "PassTiming", "Pipeline", "RewritePass", "SelectLayersPass",
     "Tracker", "ValidatePass", "Workspace", "default_pipeline", "inspect_pipeline", "plain_tracker",
     "projected_model", "rank_policy", "rewritten_model",

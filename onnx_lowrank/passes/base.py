@@ -25,7 +25,7 @@ from onnx_lowrank.errors import InputError
 from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.graph import Layer
 
-__all__ = ["ARTIFACTS", "LayerDecision", "Pass", "PassResult", "PassTiming", "Pipeline", "Tracker", "Workspace",
+__all__ = ["ARTIFACTS", "LayerDecision", "LayerResult", "Pass", "PassResult", "PassTiming", "Pipeline", "Tracker", "Workspace",
            "plain_tracker"]
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,32 @@ class PassTiming:
     result: PassResult
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    """What happened to one layer (the report contract's per-layer object, `to_dict()`)."""
+
+    name: str
+    op: str
+    method: str | None
+    ranks: tuple[int, ...] | None
+    status: str
+    reason: str | None
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    weight_rel_error: float | None = None
+    output_rel_error: float | None = None
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    output_gain: float | None = None
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["ranks"] = list(self.ranks) if self.ranks else None
+        return values
+
+
 @dataclasses.dataclass
 class LayerDecision:
     """What happened to one layer; `to_dict()` is the report contract's per-layer object."""
@@ -90,18 +116,14 @@ class LayerDecision:
     latency_ms_after: float | None = None
     output_gain: float | None = None
 
-    def to_dict(self) -> dict:
+    def result(self) -> LayerResult:
+        """The frozen outcome: a layer left as it was keeps its own MACs and parameters."""
         layer = self.layer
         rewritten = self.status == "rewritten"
-        return {"name": layer.name, "op": layer.op, "method": self.method,
-                "ranks": list(self.ranks) if self.ranks else None, "status": self.status,
-                "reason": self.reason, "macs_before": layer.macs or 0,
-                "macs_after": self.macs_after if rewritten else (layer.macs or 0),
-                "params_before": layer.params,
-                "params_after": self.params_after if rewritten else layer.params,
-                "weight_rel_error": self.weight_rel_error, "output_rel_error": self.output_rel_error,
-                "latency_ms_before": self.latency_ms_before, "latency_ms_after": self.latency_ms_after,
-                "output_gain": self.output_gain}
+        return LayerResult(layer.name, layer.op, self.method, self.ranks or None, self.status, self.reason,
+                           layer.macs or 0, self.macs_after if rewritten else (layer.macs or 0), layer.params,
+                           self.params_after if rewritten else layer.params, self.weight_rel_error,
+                           self.output_rel_error, self.latency_ms_before, self.latency_ms_after, self.output_gain)
 
     def roll_back(self, reason: str) -> None:
         """Give the layer back its original node, saying why."""
