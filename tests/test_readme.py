@@ -40,3 +40,13 @@ def test_quick_start_main_job_runs(tmp_path):
     assert "top-1 agreement" in result.stdout and "CPUExecutionProvider" in result.stdout
     output = tmp_path / argv[argv.index("-o") + 1]
     onnx.checker.check_model(onnx.load(str(output)))
+
+
+def test_the_python_api_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
+    shutil.copytree(ROOT / "models", tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert onnx.load(str(tmp_path / "digits_small.onnx")).graph.node
