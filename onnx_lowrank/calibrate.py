@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 #: Input vectors turned into moments at a time: bounds the im2col buffer (rows x D floats).
 MOMENT_ROWS = 8192
-#: Input vectors a layer's moments are estimated from, at most (about): a random subset past it.
+#: Input vectors a layer's moments are estimated from, at most (about): a random subset past it ...
 MOMENT_SAMPLE_ROWS = 65536
+#: ... and at most this many multiply-adds of their accumulation, `rows · D²` (a 3x3 conv of 512
+#: channels, D = 4608: 25,890 vectors, 5.6 per dimension), but never fewer than MOMENT_MIN_ROWS.
+MOMENT_WORK = 2**39
+MOMENT_MIN_ROWS = 8192
 #: Bytes of calibration activations a walk keeps in memory by default; the rest wait on disk.
 ACTIVATION_MEMORY = ACTIVATION_CAP
 #: Sample-space statistics keep at least this many vectors, or the run stops (`statistics_form`).
@@ -385,13 +389,14 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
 
 
 def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None,
-                  budget: MemoryBudget | None = None, rows: int = MOMENT_SAMPLE_ROWS):
+                  budget: MemoryBudget | None = None, rows: int | None = None):
     """Second moments of the layer's input vectors over all batches (paired with `xts` if given).
 
     A layer that sees more than about `rows` vectors in the whole calibration set (a conv at high
     resolution: one per output position and image) uses a uniform random subset of them, the
     same positions in `xs` and `xts`, seeded by the layer's name: neighbouring patches are
     strongly correlated, so the subset estimates the moments as well at a fraction of the cost.
+    By default `rows` is `MOMENT_SAMPLE_ROWS`, fewer for wide inputs (`MOMENT_WORK`).
 
     The form follows the memory they need (`statistics_form`): dense ``D x D`` moments
     (`factorize.moments.Moments`) when they fit `budget.statistics`, else the vectors themselves
@@ -399,6 +404,8 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
     them than dimensions (a 25088-wide dense head sees one vector per calibration sample).
     """
     vectors = vector_count(layer, xs[0]) * len(xs)
+    if rows is None:
+        rows = min(MOMENT_SAMPLE_ROWS, max(MOMENT_MIN_ROWS, MOMENT_WORK // _vector_shape(layer)[1] ** 2))
     capacity = statistics_form(layer, vectors, xts is not None, budget)
     accumulated = moments.Moments() if capacity is None else moments.SampleMoments(capacity)
     target = min(rows, vectors) if capacity is None else min(rows, capacity)
