@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.costs import conv_output_shape
 from onnx_lowrank.factorize import moments
-from onnx_lowrank.graph import Layer, onnx_opset
+from onnx_lowrank.graph import Layer, activations_before_outputs, onnx_opset
 from onnx_lowrank.memory import ACTIVATION_CAP, MemoryBudget
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 from onnx_lowrank.runtime import make_session, runtime_max_ir_version
@@ -279,14 +279,12 @@ def measured_outputs(model: onnx.ModelProto) -> dict[str, Centring]:
     """The graph outputs, each taken before its producer if that is a squashing activation, with
     the axes to centre it over: a softmax ignores a shift along its axis (opset < 13: the axes
     from `axis` on), so that part of a logit error does not count."""
-    producers = {output: node for node in model.graph.node for output in node.output}
+    squashed = activations_before_outputs(model, SQUASHING)
     opset = onnx_opset(model, 13)
     measured: dict[str, Centring] = {}
     for output in model.graph.output:
-        node = producers.get(output.name)
-        while node is not None and node.op_type == "Identity" and node.input:   # exporters' renaming
-            node = producers.get(node.input[0])
-        if node is None or node.op_type not in SQUASHING or len(node.output) != 1:
+        node = squashed.get(output.name)
+        if node is None:
             measured.setdefault(output.name, ())
             continue
         centred: Centring = ()

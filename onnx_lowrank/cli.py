@@ -23,7 +23,8 @@ from onnx_lowrank.errors import BoundError, InputError, InternalError
 from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.methods import method_names
 from onnx_lowrank.passes import default_pipeline
-from onnx_lowrank.report import REUSED_CALIBRATION_NOTE, compression_report, reused_calibration
+from onnx_lowrank.intervals import with_interval
+from onnx_lowrank.report import REUSED_CALIBRATION_NOTE, bound_text, compression_report, reused_calibration
 
 __all__ = ["main"]
 
@@ -274,16 +275,23 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
 
 
 def _print_validation_summary(console: Console, validation: dict) -> None:
-    parts = [f"provider {validation['provider']}, {validation['inputs']} inputs"]
+    parts = [f"provider {validation['provider']}, {validation['inputs']} samples"]
     for output in validation["outputs"]:
-        parts.append(f"{output['name']}: cosine {output['cosine']:.6f}, rel L2 {output['rel_l2']:.2e}")
+        before = output.get("before_activation")
+        text = f"{output['name']}: cosine {_number(output['cosine'], '.6f')}, rel L2 {_number(output['rel_l2'], '.2e')}"
+        if before is not None:
+            text += f" (before the {before['activation']}: rel L2 {_number(before['rel_l2'], '.2e')}, the one to gate on)"
+        parts.append(text)
     if validation.get("top1_agreement") is not None:
-        parts.append(f"top-1 agreement {validation['top1_agreement']:.4f}")
+        parts.append(f"top-1 agreement {with_interval(validation['top1_agreement'], validation.get('top1_ci95'))}")
+    if validation.get("metric") is not None:
+        parts.append(f"metric {with_interval(validation['metric'], validation.get('metric_ci95'))}"
+                     + bound_text(validation.get("metric_bound")))
     latency = validation.get("latency_ms")
     if latency:
         parts.append(f"latency median {latency['before']['median']:.3f} -> "
                      f"{latency['after']['median']:.3f} ms (x{validation['speedup']:.2f})")
-    console.print("; ".join(parts))
+    console.print("; ".join(parts), markup=False, highlight=False)
     if validation.get("on_fit_inputs"):
         console.print(f"validation {REUSED_CALIBRATION_NOTE}")
 
@@ -337,8 +345,8 @@ def _count(value) -> str:
     return str(value)
 
 
-def _number(value) -> str:
-    return "" if value is None else f"{value:.3g}"
+def _number(value, spec: str = ".3g") -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _share(part, whole) -> str:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -23,8 +23,8 @@ from onnx_lowrank.costs import node_macs
 from onnx_lowrank.errors import InputError
 
 __all__ = [
-    "ConvAttrs", "GemmAttrs", "Layer", "canonicalize", "find_layers", "infer_shapes",
-    "iter_graphs", "model_totals", "onnx_opset",
+    "ConvAttrs", "GemmAttrs", "Layer", "activations_before_outputs", "canonicalize", "find_layers",
+    "infer_shapes", "iter_graphs", "model_totals", "onnx_opset", "with_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -473,6 +473,31 @@ def _skip_reason(layer: Layer, node: onnx.NodeProto, scope: dict, producers: dic
     if layer.macs is None:
         return "shape unknown: pin the input shapes with --input-shape NAME:DIMS"
     return None
+
+
+def activations_before_outputs(model: onnx.ModelProto, ops: Iterable[str], through: Iterable[str] = ("Identity",)
+                               ) -> dict[str, onnx.NodeProto]:
+    """Graph output -> the node of type in `ops` that produces it, looking back through nodes of
+    type in `through` (exporters' renaming, reshapes): e.g. the Sigmoid behind a DBNet's map."""
+    ops, through = set(ops), set(through)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    found = {}
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        while node is not None and node.op_type in through and node.input:
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type in ops and len(node.output) == 1 and node.input:
+            found[output.name] = node
+    return found
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names` (untyped: onnxruntime infers them)."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output}
+    extended.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in present)
+    return extended
 
 
 def model_totals(layers: list[Layer]) -> dict[str, int]:

@@ -17,20 +17,18 @@ Anything else is named ``"module:function"`` (or ``"path/to/file.py:function"``)
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.plugins import is_callable_spec, load_callable
 
 __all__ = [
     "BUILTIN_METRICS",
     "Metric",
+    "Proportion",
     "classifier_output",
     "classifier_top1",
     "top1_matches",
@@ -100,6 +98,16 @@ def _pick_output(
     return name
 
 
+class Proportion(float):
+    """A score that is a proportion, ``successes / trials``, keeping both counts so that its
+    interval is the Wilson interval (`intervals.wilson`); 1.0 when there are no trials."""
+
+    def __new__(cls, successes: int, trials: int):
+        value = super().__new__(cls, successes / trials if trials else 1.0)
+        value.successes, value.trials = int(successes), int(trials)
+        return value
+
+
 def classifier_output(outputs: Mapping[str, np.ndarray]) -> str | None:
     """The output top-1 agreement reads, by one rule for `classifier_top1` and the validation:
     the first shaped ``[N, classes]`` with more than one class, else None."""
@@ -137,7 +145,7 @@ def classifier_top1(original: Outputs, candidate: Outputs, *, output: str | None
             )
         agree, rows = top1_matches(a, b)
         same, total = same + agree, total + rows
-    return same / total if total else 1.0
+    return Proportion(same, total)
 
 
 def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
@@ -345,7 +353,7 @@ def ctc_agreement(
         for la, lb in zip(a.argmax(axis=2), b.argmax(axis=2), strict=True):
             same += ctc_greedy(la, blank) == ctc_greedy(lb, blank)
             total += 1
-    return same / total if total else 1.0
+    return Proportion(same, total)
 
 
 def _regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -495,47 +503,11 @@ def load_metric(spec: str | Metric) -> Metric:
     text = str(spec).strip()
     if text in BUILTIN_METRICS:
         return BUILTIN_METRICS[text]
-    module_name, sep, attr = text.rpartition(":")
-    if not sep or not module_name or not attr:
+    if not is_callable_spec(text):
         raise InputError(
             f"unknown metric '{text}'; expected one of {', '.join(BUILTIN_METRICS)} or "
             "'module:function'"
         )
-    try:
-        if module_name.endswith(".py"):
-            module = _import_file(Path(module_name))
-        else:
-            module = importlib.import_module(module_name)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module
-        raise InputError(
-            f"cannot import metric module '{module_name}': {type(exc).__name__}: {exc}"
-        ) from None
-    if not hasattr(module, attr):
-        raise InputError(f"metric module '{module_name}' has no attribute '{attr}'")
-    metric = getattr(module, attr)
-    if not callable(metric):
-        raise InputError(
-            f"metric '{text}' is a {type(metric).__name__}, expected a callable "
-            "f(original_outputs, candidate_outputs) -> float"
-        )
+    metric = load_callable(text, "metric", "f(original_outputs, candidate_outputs) -> float")
     logger.debug("metric %s loaded", text)
     return metric
-
-
-def _import_file(path: Path):
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (the metric module)")
-    module_name = f"onnx_lowrank_user_metric_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise InputError(f"cannot import metric file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(module_name, None)
-        raise
-    return module

@@ -39,10 +39,11 @@ import numpy as np
 from onnx_lowrank.files import atomic_write_bytes
 from onnx_lowrank import plots
 from onnx_lowrank.fold import FoldCounts
+from onnx_lowrank.intervals import bound_check, with_interval
 from onnx_lowrank.plots import CURVE_PLOT_LAYERS, STATUSES
 
 __all__ = [
-    "REUSED_CALIBRATION_NOTE", "STATUSES", "ReportCurves", "compression_report", "markdown_report",
+    "REUSED_CALIBRATION_NOTE", "bound_text", "STATUSES", "ReportCurves", "compression_report", "markdown_report",
     "report_curves", "reused_calibration", "validate_report", "write_report",
 ]
 
@@ -148,6 +149,14 @@ def _check_validation(validation: Any, path: str) -> None:
         for key in ("rel_l2", "max_abs", "cosine"):
             _optional(_number, _field(output, key, where), f"{where}.{key}")
     _optional(_number, _field(validation, "top1_agreement", path), f"{path}.top1_agreement")
+    for key in ("top1_ci95", "metric_ci95"):
+        interval = validation.get(key)
+        if interval is not None:
+            _array(interval, f"{path}.{key}")
+            if len(interval) != 2:
+                raise ValueError(f"{path}.{key}: expected [low, high], found {_found(interval)}")
+            for index, bound in enumerate(interval):
+                _number(bound, f"{path}.{key}[{index}]")
     latency = _field(validation, "latency_ms", path)
     if latency is not None:
         _object(latency, f"{path}.latency_ms", "an object or null")
@@ -308,20 +317,32 @@ REUSED_CALIBRATION_NOTE = ("measured on the calibration inputs the fit was made 
                            "--eval measures on held-out inputs")
 
 
+def bound_text(check: dict | None) -> str:
+    """What report.md and the CLI say of a --min-metric bound (`intervals.bound_check`)."""
+    if check is None:
+        return ""
+    text = f"; --min-metric {check['bound']:g} {'met' if check['met'] else 'missed'}"
+    return text + (", but its 95 % interval straddles the bound: more inputs would tell" if check["straddles"] else "")
+
+
 def _validation_lines(validation: dict | None) -> list[str]:
     if validation is None:
         return ["Not validated."]
-    lines = [f"Provider `{validation['provider']}`, {validation['inputs']} inputs"
+    lines = [f"Provider `{validation['provider']}`, {validation['inputs']} samples"
              + (f" ({REUSED_CALIBRATION_NOTE})." if validation.get("on_fit_inputs") else "."), ""]
     if validation["outputs"]:
-        lines += ["| output | cosine | rel L2 | max abs |", "|---|--:|--:|--:|"]
+        lines += ["| output | cosine | rel L2 | max abs | rel L2 before the activation |", "|---|--:|--:|--:|--:|"]
         for output in validation["outputs"]:
+            before = output.get("before_activation")
             lines.append(f"| {_cell(output['name'])} | {_float(output['cosine'], '.6f')} | "
-                         f"{_float(output['rel_l2'], '.3e')} | {_float(output['max_abs'], '.3e')} |")
+                         f"{_float(output['rel_l2'], '.3e')} | {_float(output['max_abs'], '.3e')} | "
+                         + (f"{_float(before['rel_l2'], '.3e')} ({before['activation']} input "
+                            f"`{_cell(before['tensor'])}`) |" if before else "- |"))
         lines.append("")
-    lines.append(f"- Top-1 agreement: {_float(validation['top1_agreement'], '.4f')}")
+    lines.append(f"- Top-1 agreement: {with_interval(validation['top1_agreement'], validation.get('top1_ci95'))}")
     if "metric" in validation:
-        lines.append(f"- Metric: {_float(validation['metric'], '.4f')}")
+        lines.append(f"- Metric: {with_interval(validation['metric'], validation.get('metric_ci95'))}"
+                     + bound_text(validation.get("metric_bound")))
     latency = validation["latency_ms"]
     if latency is None:
         lines.append("- Latency: not measured")
@@ -407,6 +428,9 @@ def compression_report(result, input_path: str, output_path: str) -> dict:
     validation = None
     if result.validation is not None:
         validation = {**result.validation.to_dict(), "on_fit_inputs": reused_calibration(settings)}
+        if result.settings.min_metric is not None:
+            validation["metric_bound"] = bound_check(validation["metric"], validation["metric_ci95"],
+                                                     result.settings.min_metric)
     return {"tool_version": __version__, "input": str(input_path), "output": str(output_path),
             "settings": settings,
             "totals": {"macs_before": before["macs"], "macs_after": after["macs"],

@@ -45,7 +45,7 @@ def test_model_against_itself_is_exact():
     (out,) = result.outputs
     assert (out.name, out.rel_l2, out.max_abs) == ("logits", 0.0, 0.0)
     assert out.cosine == pytest.approx(1.0, abs=1e-12)
-    assert result.top1_agreement == 1.0 and result.inputs == 3
+    assert result.top1_agreement == 1.0 and (result.inputs, result.batches) == (6, 3)
 
 
 def test_candidate_missing_output_and_shape_mismatch():

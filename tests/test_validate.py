@@ -33,9 +33,13 @@ def test_to_dict_is_the_contract(tmp_path):
     onnx.save(classifier_model(), path)
     result = validate_models(path, path, count=2, warmup=1, repeats=3, provider="cpu")
     d = result.to_dict()
-    assert list(d) == ["provider", "inputs", "outputs", "top1_agreement", "latency_ms", "speedup", "metric"]
-    assert d["provider"] == "CPUExecutionProvider" and d["inputs"] == 2
-    assert d["outputs"] == [{"name": "logits", "rel_l2": 0.0, "max_abs": 0.0, "cosine": d["outputs"][0]["cosine"]}]
+    assert list(d) == ["provider", "inputs", "batches", "outputs", "top1_agreement", "top1_ci95", "latency_ms",
+                       "speedup", "metric", "metric_ci95"]
+    assert d["provider"] == "CPUExecutionProvider" and (d["inputs"], d["batches"]) == (2, 2)
+    assert d["outputs"] == [{"name": "logits", "rel_l2": 0.0, "max_abs": 0.0, "cosine": d["outputs"][0]["cosine"],
+                             "before_activation": None}]
+    lo, hi = d["top1_ci95"]
+    assert d["top1_agreement"] == 1.0 and hi == 1.0 and 0.1 < lo < 0.5       # Wilson, 2 of 2
     assert set(d["latency_ms"]) == {"before", "after"}
     assert set(d["latency_ms"]["before"]) == {"median", "p90"}
     assert d["speedup"] == pytest.approx(d["latency_ms"]["before"]["median"] / d["latency_ms"]["after"]["median"])
@@ -52,7 +56,7 @@ def test_validate_models_with_npz_shapes_and_metric(tmp_path):
     np.savez(calib, image=images)
     result = validate_models(original, candidate, calib=calib, input_shapes=["image:2x3x8x8"], latency=False,
                              metric="top1")
-    assert result.inputs == 3
+    assert (result.inputs, result.batches) == (6, 3)
     assert result.metric == result.top1_agreement
     assert result.outputs[0].rel_l2 > 0.1  # different weights
     with pytest.raises(InputError, match="unknown input name 'img'"):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnx_lowrank.intervals import straddles, with_interval
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult, Workspace
 from onnx_lowrank.passes.rewrite import rewritten_model, with_model_fields
 from onnx_lowrank.rewrite.chain import apply_chain
@@ -87,41 +88,55 @@ class GuardPass(Pass):
                     decision.roll_back(f"its output error {decision.output_rel_error:.3g} is over "
                                        f"--max-error {self.max_error:g}")
                     rolled += 1
+        summary = f"{rolled} layers rolled back"
         if self.min_cosine is not None or self.min_metric is not None:
-            rolled += self._hold_end_to_end(workspace)
+            count, measured = self._hold_end_to_end(workspace)
+            rolled += count
+            summary = f"{rolled} layers rolled back; {measured}"
         if rolled:
             workspace.model = rewritten_model(workspace) if workspace.rewritten else workspace.canonical
-        return PassResult(rolled > 0, f"{rolled} layers rolled back")
+        return PassResult(rolled > 0, summary)
 
-    def _hold_end_to_end(self, workspace: Workspace) -> int:
+    def _hold_end_to_end(self, workspace: Workspace) -> tuple[int, str]:
+        """Roll back the fewest worst layers for the end-to-end bound; also what the kept model
+        measures on the guard's inputs (the metric with its 95 % interval)."""
         worst_first = sorted(workspace.rewritten, key=lambda d: -d.output_rel_error)
-        if self._holds(workspace, 0, worst_first):
-            return 0
+        holds, measured = self._holds(workspace, 0, worst_first)
+        if holds:
+            return 0, measured
         low, high = 1, len(worst_first)
         while low < high:
             middle = (low + high) // 2
-            if self._holds(workspace, middle, worst_first):
+            if self._holds(workspace, middle, worst_first)[0]:
                 high = middle
             else:
                 low = middle + 1
+        measured = self._holds(workspace, low, worst_first)[1]
         bound = (f"--min-cosine {self.min_cosine:g}" if self.min_cosine is not None
                  else f"--min-metric {self.min_metric:g}")
         for decision in worst_first[:low]:
-            decision.roll_back(f"rolled back to meet {bound} (output error {decision.output_rel_error:.3g})")
-        return low
+            decision.roll_back(f"rolled back to meet {bound} (output error {decision.output_rel_error:.3g}; "
+                               f"the model kept: {measured})")
+        return low, measured
 
-    def _holds(self, workspace: Workspace, count: int, worst_first: list[LayerDecision]) -> bool:
+    def _holds(self, workspace: Workspace, count: int, worst_first: list[LayerDecision]) -> tuple[bool, str]:
+        """Whether the bounds hold with the `count` worst layers rolled back, and what was measured."""
         from onnx_lowrank import compare
 
         kept = worst_first[count:]
         if not kept:
-            return True
+            return True, "every layer rolled back"
         trial = dataclasses.replace(workspace, decisions={d.layer.name: d for d in kept})
         result = compare.compare_models(workspace.original, rewritten_model(trial), workspace.guard_feeds,
                                         provider=self.provider, metric=self.metric, threads=self.threads,
                                         candidate_produced=True)
         cosine = min((o.cosine for o in result.outputs), default=1.0)
+        measured = f"worst output cosine {cosine:.6f}"
+        if self.min_metric is not None:
+            measured = f"metric {with_interval(result.metric, result.metric_ci95)} on {result.inputs} samples"
+            if straddles(result.metric_ci95, self.min_metric):
+                measured += ", an interval that straddles the bound"
         if self.min_cosine is not None and cosine < self.min_cosine:
-            return False
-        return self.min_metric is None or (result.metric is not None and result.metric >= self.min_metric)
+            return False, measured
+        return self.min_metric is None or (result.metric is not None and result.metric >= self.min_metric), measured
 
