@@ -9,6 +9,7 @@ validation and the timings of the passes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 
@@ -23,7 +24,15 @@ from onnx_lowrank.passes import LayerResult, PassTiming, Pipeline, Tracker, Work
 from onnx_lowrank.passes.pipeline import inspect_pipeline
 from onnx_lowrank.report import compression_report, report_curves, write_report
 
-__all__ = ["CompressionResult", "InspectResult", "LayerResult", "compress", "inspect", "project"]
+__all__ = ["CompressionResult", "InspectResult", "LayerResult", "WEIGHT_ONLY_WARNING", "compress", "inspect", "project"]
+
+log = logging.getLogger(__name__)
+
+#: What `compress` says, once, when it fits weights only because no calibration inputs were given.
+WEIGHT_ONLY_WARNING = ("no --calib: fitting the weights only, which on detectors and recognisers usually costs "
+                       "much task accuracy (0 % of a recogniser's strings at 1.5x fewer MACs); pass a few hundred "
+                       "representative inputs with --calib (an .npz, a folder of images or .npy files, or "
+                       "module:function), or --no-data-aware to silence this")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,8 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
     if output is not None:
         _check_output(model, pathlib.Path(output))
     loaded = _as_model(model)
+    if settings.calib is None and settings.data_aware and not settings.keep_structure:
+        log.warning(WEIGHT_ONLY_WARNING)
     pipeline = passes if passes is not None else default_pipeline(settings)
     workspace = Workspace(original=loaded, model=loaded, settings=settings)
     timings = pipeline.run(workspace, tracker)

@@ -46,6 +46,8 @@ MOMENT_WORK = 2**39
 MOMENT_MIN_ROWS = 8192
 #: Bytes of calibration activations a walk keeps in memory by default; the rest wait on disk.
 ACTIVATION_MEMORY = ACTIVATION_CAP
+#: Noise values `output_gains` draws at a time (float64: 32 MiB).
+NOISE_CHUNK = 1 << 22
 #: Sample-space statistics keep at least this many vectors, or the run stops (`statistics_form`).
 MIN_SAMPLE_VECTORS = 32
 #: Final activations whose input, not output, `output_gains` compares.
@@ -305,11 +307,27 @@ def _signal(layer: Layer, y: np.ndarray) -> np.ndarray:
 
 
 def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.random.Generator):
-    """`y` plus Gaussian noise of norm `relative·‖signal‖`, and the relative size realised."""
-    noise = rng.standard_normal(y.shape)
+    """`y` plus Gaussian noise of norm `relative·‖signal‖`, and the relative size realised.
+
+    The noise is drawn in chunks of `NOISE_CHUNK` values, twice from the same generator state
+    (its norm first, then the values): the same draws as one call, without a float64 copy of
+    the whole batch (a VGG16 layer's output at 240 x 240, batch 16: 470 MB).
+    """
     energy = np.linalg.norm(signal)
-    scale = relative * energy / max(np.linalg.norm(noise), 1e-30)
-    return (y + scale * noise).astype(y.dtype), relative if energy > 0 else 0.0
+    start_state = rng.bit_generator.state
+    size = y.size
+    squares = 0.0
+    for begin in range(0, size, NOISE_CHUNK):
+        squares += float(np.sum(np.square(rng.standard_normal(min(NOISE_CHUNK, size - begin)))))
+    end_state = rng.bit_generator.state
+    rng.bit_generator.state = start_state
+    scale = relative * energy / max(np.sqrt(squares), 1e-30)
+    flat, out = y.reshape(-1), np.empty(size, dtype=y.dtype)
+    for begin in range(0, size, NOISE_CHUNK):
+        stop = min(begin + NOISE_CHUNK, size)
+        out[begin:stop] = flat[begin:stop] + scale * rng.standard_normal(stop - begin)
+    rng.bit_generator.state = end_state
+    return out.reshape(y.shape), relative if energy > 0 else 0.0
 
 
 def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, Centring], provider: str,

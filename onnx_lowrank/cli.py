@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validation_options(compress)
     fitting = compress.add_argument_group("data-aware fitting (with --calib)")
     fitting.add_argument("--eval", help="held-out inputs for validation (default: the --calib inputs)")
+    fitting.add_argument("--eval-count", type=int, help="validate on at most N of the --eval inputs (default: all)")
     fitting.add_argument("--no-data-aware", dest="data_aware", action="store_false", default=None,
                          help="factorize weights only; use --calib for validation alone")
     fitting.add_argument("--no-sequential", dest="sequential", action="store_false", default=None,
@@ -134,7 +135,8 @@ def _add_shape_option(parser):
 
 def _add_validation_options(parser):
     parser.add_argument("--calib", help="inputs: an .npz keyed by input name, or a folder of images")
-    parser.add_argument("--calib-count", type=int, help="use at most N inputs (default 16)")
+    parser.add_argument("--calib-count", type=int,
+                        help="use at most N calibration inputs (default: all of them up to 256)")
     parser.add_argument("--batch-size", type=int, help="samples per run when the batch axis is free")
     images = parser.add_argument_group("image folders (--calib DIR)")
     images.add_argument("--resize", type=int, help="short side before the centre crop (default: max(H, W))")

@@ -48,7 +48,8 @@ class Settings:
     refit: bool = True
     bias_correction: bool = True
     output_weighting: bool = True
-    calib_count: int = 16
+    calib_count: int | None = None
+    eval_count: int | None = None
     batch_size: int | None = None
     resize: int | None = None
     mean: tuple[float, ...] = (0.0,)

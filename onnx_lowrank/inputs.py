@@ -10,7 +10,8 @@ Calibration data (``--calib PATH``) is either
   shape ``(B, d1, ..., dk)`` is fed ``array[i*B:(i+1)*B]``, so each array must have shape
   ``(N, d1, ..., dk)`` (dynamic ``d`` are free), or
 * a folder of images (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``) for a model with one 4-D image
-  input, preprocessed as described by `ImageOptions`.
+  input, preprocessed as described by `ImageOptions`, or
+* a folder of ``.npy`` files, or ``module:function`` returning feed dicts (`sources`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from onnx import helper
 
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.images import ImageOptions, image_batch
+from onnx_lowrank.plugins import is_callable_spec
+from onnx_lowrank.sources import feeds_from_function, npy_folder_arrays
 
 __all__ = [
+    "RANDOM_COUNT",
     "InputSpec",
     "input_specs",
     "load_calibration",
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 Dim = int | str | None
 
+#: Random inputs made when no input file is given (compress and validate alike).
+RANDOM_COUNT = 16
 #: Random integer feeds are drawn uniformly from ``[0, RANDOM_INT_HIGH)``: 0 and 1 are valid
 #: indices for every embedding (a BERT's token-type table has two rows) and valid masks.
 RANDOM_INT_HIGH = 2
@@ -359,7 +365,7 @@ def load_calibration(
     batch_size: int | None = None,
     image_options: ImageOptions | None = None,
 ) -> list[Feed]:
-    """Feeds from an ``.npz`` file or a folder of images.
+    """Feeds from an ``.npz`` file, a folder of images or ``.npy`` files, or ``module:function``.
 
     Samples are cut into batches of the batch size: ``batch_size`` if given, else the first
     dimension pinned in ``shapes``, else the model's fixed batch dimension, else 1. With a
@@ -368,8 +374,9 @@ def load_calibration(
 
     Args:
         path: an ``.npz`` (one array per graph input, samples stacked on axis 0; other keys
-            are ignored and logged; each array is cast to its input's dtype) or a folder of
-            images for a single 4-D image input (see `ImageOptions`).
+            are ignored and logged; each array is cast to its input's dtype), a folder of
+            images for a single 4-D image input (see `ImageOptions`), a folder of ``.npy`` files
+            or ``module:function`` returning feed dicts (see `sources`).
         specs: from `input_specs`.
         shapes: pinned shapes (``--input-shape``); partial is fine.
         count: keep at most this many samples (before batching).
@@ -383,12 +390,17 @@ def load_calibration(
         InputError: a missing path, an unreadable or corrupt file, a missing graph input, a
             shape that does not fit the model, an empty folder, or no pillow for images.
     """
-    path = Path(path)
     if count is not None and count < 1:
         raise InputError(f"the calibration sample count must be at least 1, found {count}")
+    if is_callable_spec(str(path)) and not Path(path).exists():
+        return feeds_from_function(str(path), specs, count)
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder (the calibration data)")
     pinned = _check_pinned(specs, shapes)
+    if path.is_dir() and any(path.glob("*.npy")):
+        batch, flexible = _common_batch(specs, pinned, batch_size)
+        return _split_batches(npy_folder_arrays(path, specs, count), specs, batch, flexible)
     if path.is_dir():
         return _load_image_folder(path, specs, pinned, count, batch_size, image_options)
     if path.suffix.lower() != ".npz":

@@ -17,6 +17,7 @@ from onnx_lowrank.compare import ValidationResult, compare_models
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.images import ImageOptions
 from onnx_lowrank.inputs import (
+    RANDOM_COUNT,
     input_specs,
     load_calibration,
     parse_input_shapes,
@@ -27,10 +28,8 @@ from onnx_lowrank.metrics import Metric, load_metric
 from onnx_lowrank.runtime import ProviderChoice, make_session, resolve_provider
 from onnx_lowrank.timing import compare_latency
 
-__all__ = ["DEFAULT_COUNT", "format_table", "validate_models"]
+__all__ = ["format_table", "validate_models"]
 
-#: Number of random feeds when no calibration data is given.
-DEFAULT_COUNT = 8
 
 
 def _load_model(model: str | os.PathLike | onnx.ModelProto, which: str) -> onnx.ModelProto:
@@ -69,7 +68,7 @@ def validate_models(
     """Validate a candidate against the original: numerics, optional metric, latency.
 
     Feeds come from ``calib`` (see `onnx_lowrank.inputs.load_calibration`; ``count`` caps
-    the samples) or, without it, ``count`` (default `DEFAULT_COUNT`) random feeds from
+    the samples) or, without it, ``count`` (default `inputs.RANDOM_COUNT`) random feeds from
     ``seed`` with the shapes of `onnx_lowrank.inputs.resolve_shapes`. Sessions are created
     once, from the paths (external data is found next to each model), as timing sessions when
     ``latency`` is asked for, and reused for it, measured on the first feed with
@@ -120,7 +119,7 @@ def validate_models(
         feeds = load_calibration(calib, specs, pinned, count, batch_size, image_options)
     else:
         shapes = resolve_shapes(specs, pinned)
-        feeds = random_feeds(specs, shapes, count or DEFAULT_COUNT, seed)
+        feeds = random_feeds(specs, shapes, count or RANDOM_COUNT, seed)
 
     s_orig, s_cand = (make_session(model, choice, threads, produced=False, label=_label(model, which),
                                    timing=latency)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from onnx_lowrank import inputs
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.fold import fold_elementwise
@@ -13,13 +15,17 @@ from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
 __all__ = ["CanonicalizePass", "FindLayersPass", "FoldPass", "LoadInputsPass", "SelectLayersPass"]
 
 
+#: Calibration inputs used at most when --calib-count is not given (docs/bench_calib_count.md:
+#: the fits stop improving measurably past it while their time grows linearly).
+CALIB_CAP = 256
 class LoadInputsPass(Pass):
     """Load the feeds each later step reads, once each.
 
-    Calibration (`--calib`) feeds the data-aware fit; the guard checks its bounds on the
-    calibration inputs too (random inputs without them), never on the evaluation inputs; the
-    validation scores `--eval` when given (a held-out number), else the calibration inputs, else
-    random inputs (`--seed`).
+    Calibration (`--calib`, at most `--calib-count`, default `CALIB_CAP`) feeds the data-aware
+    fit; the guard checks its bounds on the calibration inputs too (`RANDOM_COUNT` random inputs
+    without them: `inputs.RANDOM_COUNT`, or --calib-count), never on the evaluation inputs; the validation scores `--eval` when given
+    (all of it, or `--eval-count`: a held-out number), else the calibration inputs, else random
+    inputs (`--seed`).
     """
 
     name = "inputs"
@@ -28,31 +34,38 @@ class LoadInputsPass(Pass):
 
     def run(self, workspace, progress):
         settings = workspace.settings
-        loaded: dict[str | None, list[dict]] = {}
+        loaded: dict[tuple, list[dict]] = {}
 
-        def feeds(path: str | None) -> list[dict]:
-            if path not in loaded:
-                loaded[path] = _load(workspace.original, settings, workspace.pinned, path)
-            return loaded[path]
+        def feeds(path: str | None, count: int | None) -> list[dict]:
+            if (path, count) not in loaded:
+                loaded[path, count] = _load(workspace.original, settings, workspace.pinned, path, count)
+            return loaded[path, count]
 
+        calib_count = settings.calib_count or (CALIB_CAP if settings.calib is not None else None)
         if settings.calib is not None and settings.data_aware:
-            workspace.calibration = feeds(settings.calib)
+            workspace.calibration = feeds(settings.calib, calib_count)
         if settings.guarded:
-            workspace.guard_feeds = feeds(settings.calib)
+            workspace.guard_feeds = feeds(settings.calib, calib_count)
         if settings.validate:
-            workspace.eval_feeds = feeds(settings.eval if settings.eval is not None else settings.calib)
-        return PassResult(False, ", ".join(f"{len(f)} feeds from {p or 'random inputs'}" for p, f in loaded.items())
-                          or "no inputs needed")
+            workspace.eval_feeds = (feeds(settings.eval, settings.eval_count) if settings.eval is not None
+                                    else feeds(settings.calib, calib_count))
+        return PassResult(False, ", ".join(f"{_samples(f)} samples from {path or 'random inputs'}"
+                                           for (path, _), f in loaded.items()) or "no inputs needed")
 
 
-def _load(model, settings, pinned, path: str | None) -> list[dict]:
-    """Inputs from an .npz or image folder at `path`, else random inputs with the settings' seed."""
+def _samples(feeds: list[dict]) -> int:
+    return sum(next((len(v) for v in feed.values() if np.ndim(v) >= 1), 1) for feed in feeds)
+
+
+def _load(model, settings, pinned, path: str | None, count: int | None) -> list[dict]:
+    """At most `count` samples from the inputs at `path` (`inputs.load_calibration`), else
+    `count` (default `inputs.RANDOM_COUNT`) random inputs with the settings' seed."""
     specs = inputs.input_specs(model)
     if path is not None:
-        return inputs.load_calibration(path, specs, shapes=pinned, count=settings.calib_count,
+        return inputs.load_calibration(path, specs, shapes=pinned, count=count,
                                        batch_size=settings.batch_size, image_options=settings.image_options())
     shapes = inputs.resolve_shapes(specs, pinned)
-    return inputs.random_feeds(specs, shapes, count=settings.calib_count, seed=settings.seed)
+    return inputs.random_feeds(specs, shapes, count=count or inputs.RANDOM_COUNT, seed=settings.seed)
 
 
 class CanonicalizePass(Pass):
