@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.costs import conv_output_shape
-from onnx_lowrank.factorize import moments
+from onnx_lowrank.factorize import moments, patches
 from onnx_lowrank.graph import Layer, activations_before_outputs, onnx_opset
 from onnx_lowrank.memory import ACTIVATION_CAP, MemoryBudget
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
@@ -361,7 +361,7 @@ def _conv_pads(layer: Layer, x: np.ndarray) -> tuple[int, ...]:
     conv = layer.conv
     if conv.pads is not None:
         return conv.pads
-    return moments.same_pads(x.shape[2:], conv.kernel_shape, conv.strides, conv.dilations, conv.auto_pad)
+    return patches.same_pads(x.shape[2:], conv.kernel_shape, conv.strides, conv.dilations, conv.auto_pad)
 
 
 def vector_count(layer: Layer, x: np.ndarray) -> int:
@@ -390,7 +390,7 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
     """
     if layer.op == "Conv":
         conv = layer.conv
-        yield from moments.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, _conv_pads(layer, x),
+        yield from patches.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, _conv_pads(layer, x),
                                      conv.group, max_rows=max_rows)
         return
     if layer.op == "Gemm":

@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnx_lowrank import factorize
 from onnx_lowrank.factorize import (
     channel_svd,
     hosvd_error_bound,

@@ -26,7 +26,8 @@ from onnx_lowrank.factorize import (
     tucker2,
 )
 from onnx_lowrank.factorize.linalg import regression_target, regularized, whitened_svd
-from onnx_lowrank.factorize.moments import Moments, SampleMoments, conv_moments, im2col, iter_patches, same_pads
+from onnx_lowrank.factorize.moments import Moments, SampleMoments, conv_moments
+from onnx_lowrank.factorize.patches import im2col, iter_patches, same_pads
 from onnx_lowrank.factorize.refit import bias_shift, refit_chain, refit_last, refit_matrix
 from onnx_lowrank.factorize.whiten import (
     DataTuckerFactors,
