@@ -14,17 +14,29 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from onnx_lowrank import __version__, api
 from onnx_lowrank.config import Settings, load_config, parse_tiles
 from onnx_lowrank.errors import BoundError, InputError, InternalError
 from onnx_lowrank.fold import FoldCounts
+from onnx_lowrank.intervals import with_interval
 from onnx_lowrank.methods import method_names
 from onnx_lowrank.passes import default_pipeline
-from onnx_lowrank.intervals import with_interval
-from onnx_lowrank.report import REUSED_CALIBRATION_NOTE, bound_text, compression_report, reused_calibration
+from onnx_lowrank.report import (
+    REUSED_CALIBRATION_NOTE,
+    bound_text,
+    compression_report,
+    reused_calibration,
+)
+from onnx_lowrank.runtime import CONV_ALGO_SEARCHES, resolve_provider
 
 __all__ = ["main"]
 
@@ -147,6 +159,8 @@ def _add_validation_options(parser):
     parser.add_argument("--provider", choices=("auto", "cuda", "tensorrt", "cpu"),
                         help="onnxruntime provider (auto: CUDA when it works, else CPU)")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    parser.add_argument("--cudnn-conv-algo-search", choices=CONV_ALGO_SEARCHES,
+                        help="cuDNN's convolution algorithm search in CUDA timing sessions (default EXHAUSTIVE)")
     parser.add_argument("--no-latency", dest="latency", action="store_false", default=None,
                         help="skip the latency measurement")
 
@@ -304,7 +318,8 @@ def _validate(args, console: Console) -> int:
     settings = load_config(None, {key: getattr(args, key) for key in IMAGE_KEYS})
     result = validate.validate_models(
         args.original, args.candidate, calib=args.calib,
-        input_shapes=args.input_shape, provider=args.provider or "auto",
+        input_shapes=args.input_shape,
+        provider=resolve_provider(args.provider or "auto", conv_algo_search=args.cudnn_conv_algo_search or "EXHAUSTIVE"),
         count=args.calib_count, metric=args.metric,
         latency=args.latency is not False, threads=args.threads,
         batch_size=settings.batch_size, image_options=settings.image_options())

@@ -57,6 +57,7 @@ class Settings:
     layout: str = "auto"
     channel_order: str = "RGB"
     provider: str = "auto"
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
     max_error: float | None = None
     min_cosine: float | None = None
     min_metric: float | None = None
@@ -102,6 +103,11 @@ class Settings:
             from onnx_lowrank.memory import parse_size
 
             parse_size(self.max_memory)
+        from onnx_lowrank.runtime import CONV_ALGO_SEARCHES
+
+        if self.cudnn_conv_algo_search not in CONV_ALGO_SEARCHES:
+            raise InputError(f"--cudnn-conv-algo-search must be one of {', '.join(CONV_ALGO_SEARCHES)}, "
+                             f"got '{self.cudnn_conv_algo_search}'")
         if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
             raise InputError(f"unknown provider '{self.provider}'; expected auto, cuda, tensorrt or cpu")
 

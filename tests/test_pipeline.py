@@ -141,3 +141,12 @@ def test_independent_data_aware_fits_use_the_jobs_and_give_the_same_chains(tmp_p
     one, two = (workspace.model for workspace, _ in runs)
     assert [numpy_helper.to_array(t).tobytes() for t in one.graph.initializer] == \
            [numpy_helper.to_array(t).tobytes() for t in two.graph.initializer]
+
+
+def test_the_cudnn_algorithm_search_setting_reaches_the_sessions_of_the_run():
+    pipeline = default_pipeline(Settings(provider="cpu", cudnn_conv_algo_search="HEURISTIC", latency_aware=True))
+    judge = next(p for p in pipeline.passes if p.name == "factorize").judge
+    validate = next(p for p in pipeline.passes if p.name == "validate")
+    assert judge.provider.conv_algo_search == validate.provider.conv_algo_search == "HEURISTIC"
+    with pytest.raises(InputError, match="cudnn-conv-algo-search"):
+        Settings(cudnn_conv_algo_search="FAST")

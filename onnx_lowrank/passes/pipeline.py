@@ -17,6 +17,7 @@ from onnx_lowrank.passes.prepare import (
 )
 from onnx_lowrank.passes.rewrite import RewritePass
 from onnx_lowrank.passes.statistics import DataSpectraPass, OutputGainsPass
+from onnx_lowrank.runtime import resolve_provider
 
 __all__ = ["default_pipeline", "inspect_pipeline", "rank_policy"]
 
@@ -45,12 +46,13 @@ def default_pipeline(settings: Settings) -> Pipeline:
     rewrite -> [guard: with a bound] -> count -> [validate].
     """
     methods = MethodSet(settings)
+    provider = resolve_provider(settings.provider, conv_algo_search=settings.cudnn_conv_algo_search)
     data_aware = settings.calib is not None and settings.data_aware
     judge = None
     if settings.latency_aware or settings.target_latency is not None:
         from onnx_lowrank.latency import LatencyCache
 
-        judge = LatencyJudge(settings.provider, settings.threads, settings.latency_margin, LatencyCache())
+        judge = LatencyJudge(provider, settings.threads, settings.latency_margin, LatencyCache())
     metric = load_metric(settings.metric) if settings.metric else None
     passes: list[Pass] = [
         LoadInputsPass(),
@@ -72,9 +74,9 @@ def default_pipeline(settings: Settings) -> Pipeline:
                                 bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge))
     passes.append(RewritePass())
     if settings.guarded:
-        passes.append(GuardPass(settings.provider, settings.threads, max_error=settings.max_error,
+        passes.append(GuardPass(provider, settings.threads, max_error=settings.max_error,
                                 min_cosine=settings.min_cosine, min_metric=settings.min_metric, metric=metric))
     passes.append(CountPass())
     if settings.validate:
-        passes.append(ValidatePass(settings.provider, settings.latency, settings.threads, metric=metric))
+        passes.append(ValidatePass(provider, settings.latency, settings.threads, metric=metric))
     return Pipeline(passes)
