@@ -143,3 +143,25 @@ def test_config_file_sets_the_pipeline(tmp_path, capsys):
     report = compress_json(capsys, DIGITS, "-o", str(tmp_path / "out.onnx"), "--config", str(config))
     assert {layer["method"] for layer in report["layers"] if layer["status"] == "rewritten"} == {"svd"}
     assert report["settings"]["target_macs"] == 0.5
+
+
+def test_a_budget_over_a_model_whose_layers_all_sit_in_control_flow_is_refused_in_one_line(tmp_path, capsys):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import make_model
+    from onnx_lowrank.cli import main
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["z"], name="inner")], "branch", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [weight])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)
+    # The body's shapes are unknown (as in Silero VAD's export): its layers cost nothing countable.
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(model, tmp_path / "if.onnx")
+    code = main(["compress", str(tmp_path / "if.onnx"), "-o", str(tmp_path / "out.onnx"), "--method", "auto",
+                 "--target-macs", "0.5", "--no-validate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no MACs to budget" in err[-1]

@@ -66,6 +66,11 @@ class BudgetPass(Pass):
             total = workspace.totals_before[self.measure]
         fixed = total - sum(o.dense_cost for o in options)
         flag = f"--target-{self.measure}"
+        if total <= 0:
+            where = sum(1 for d in workspace.decisions.values() if d.layer.subgraph is not None)
+            raise InputError(f"{flag} {self.target:g}: no {MEASURE_NAMES[self.measure]} to budget: the model's "
+                             f"layers cost none outside control flow ({where} layers inside If/Loop/Scan "
+                             "bodies, which are not compressed)")
         allocation = alloc.allocate(options, self.target * total - fixed)
         timed = (" and only chains measured faster than their layers (--latency-aware)"
                  if self.judge is not None and self.measure != "latency" else "")
