@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the result failed a bound the user asked for; 2 bad inp
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import dataclasses
 import json
 import logging
@@ -170,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     errors = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if debug:  # a native crash (onnxruntime, LAPACK) then prints the Python stack it happened in
+        faulthandler.enable()
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -42,7 +42,8 @@ class ValidatePass(Pass):
 
         feeds = workspace.eval_feeds
         result = compare.compare_models(workspace.original, workspace.model, feeds, provider=self.provider,
-                                        metric=self.metric, threads=self.threads, candidate_produced=True)
+                                        metric=self.metric, threads=self.threads, candidate_produced=True,
+                                        memory_limit=workspace.memory.statistics)
         if self.latency:
             timing = timed.compare_latency(workspace.original, workspace.model, feeds[0], provider=self.provider,
                                            threads=self.threads, candidate_produced=True)

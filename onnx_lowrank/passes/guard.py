@@ -129,7 +129,7 @@ class GuardPass(Pass):
         trial = dataclasses.replace(workspace, decisions={d.layer.name: d for d in kept})
         result = compare.compare_models(workspace.original, rewritten_model(trial), workspace.guard_feeds,
                                         provider=self.provider, metric=self.metric, threads=self.threads,
-                                        candidate_produced=True)
+                                        candidate_produced=True, memory_limit=workspace.memory.statistics)
         cosine = min((o.cosine for o in result.outputs), default=1.0)
         measured = f"worst output cosine {cosine:.6f}"
         if self.min_metric is not None:
