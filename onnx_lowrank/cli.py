@@ -171,8 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     errors = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    if debug:  # a native crash (onnxruntime, LAPACK) then prints the Python stack it happened in
-        faulthandler.enable()
+    if debug and not faulthandler.is_enabled():
+        # A native crash (onnxruntime, LAPACK) then prints the Python stack it happened in.
+        faulthandler.enable(file=sys.__stderr__)
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
