@@ -103,9 +103,21 @@ def _passes_checker(model: onnx.ModelProto) -> bool:
 
 def with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,
                        settings: Settings) -> onnx.ModelProto:
-    """The rewritten graph with the source's opsets, IR version, producer and metadata, plus provenance."""
+    """The rewritten graph with the source's opsets, IR version, producer and metadata, plus provenance.
+
+    Every field but the graph is copied from `source` field by field: a whole copy of it would
+    copy its weights only to replace them (a transient copy of the model's size).
+    """
     out = onnx.ModelProto()
-    out.CopyFrom(source)
+    for field, value in source.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):          # a repeated field
+            getattr(out, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):      # a message
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
     out.graph.CopyFrom(rewritten.graph)
     provenance = {"onnx_lowrank.version": __version__,
                   "onnx_lowrank.settings": json.dumps(settings.provenance(), sort_keys=True)}
