@@ -74,18 +74,22 @@ class InspectResult:
 
     layers: tuple
     totals: dict
+    counting: str | None = None
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
-def inspect(model: onnx.ModelProto | str | os.PathLike, input_shapes: list[str] | None = None) -> InspectResult:
-    """List a model's layers with shapes, MACs, parameters and candidate/skip reason."""
+def inspect(model: onnx.ModelProto | str | os.PathLike, input_shapes: list[str] | None = None,
+            input_values: list[str] | None = None) -> InspectResult:
+    """List a model's layers with shapes, MACs, parameters and candidate/skip reason; `counting`
+    says how the totals count control flow (None without it)."""
     loaded = _as_model(model)
-    workspace = Workspace(original=loaded, model=loaded, settings=Settings(input_shape=tuple(input_shapes or ())))
+    settings = Settings(input_shape=tuple(input_shapes or ()), input_value=tuple(input_values or ()))
+    workspace = Workspace(original=loaded, model=loaded, settings=settings)
     inspect_pipeline().run(workspace)
-    return InspectResult(tuple(workspace.layers), dict(workspace.totals_before))
+    return InspectResult(tuple(workspace.layers), dict(workspace.totals_before), workspace.counting)
 
 
 def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLike | None = None,

@@ -151,6 +151,8 @@ class Workspace:
     curves: dict[str, tuple] = dataclasses.field(default_factory=dict)
     folds: FoldCounts = dataclasses.field(default_factory=FoldCounts)
     validation: object | None = None
+    counting: str | None = None
+    views: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def pinned(self) -> dict[str, tuple[int, ...]]:
@@ -158,6 +160,14 @@ class Workspace:
         from onnx_lowrank.inputs import parse_input_shapes
 
         return parse_input_shapes(self.settings.input_shape)
+
+    @functools.cached_property
+    def values(self) -> dict:
+        """The input values pinned by `--input-value` (`pins`)."""
+        from onnx_lowrank.inputs import input_specs
+        from onnx_lowrank.pins import parse_input_values
+
+        return parse_input_values(self.settings.input_value, input_specs(self.original))
 
     @functools.cached_property
     def memory(self):
