@@ -25,7 +25,7 @@ from onnx_lowrank import scopes
 from onnx_lowrank.graph import LAYER_OPS
 from onnx_lowrank.runtime import make_session, runtime_max_ir_version
 
-__all__ = ["View", "evaluate", "holds_layers", "specialize"]
+__all__ = ["View", "evaluate", "holds_layers", "specialize", "view_of"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,13 @@ def specialize(model: onnx.ModelProto, feeds: Sequence[dict], forced: Mapping[st
             chosen[path] = branch
             inlined.add(body_path)
     return View(view, chosen, frozenset(inlined))
+
+
+def view_of(model: onnx.ModelProto, feeds: Sequence[dict]) -> View:
+    """`specialize(model, feeds)`; a model without control flow is its own view (not copied)."""
+    if not scopes.has_control_flow(model):
+        return View(model, {}, frozenset({None}))
+    return specialize(model, feeds)
 
 
 def _path(scope: str | None, node: str) -> str:

@@ -276,7 +276,7 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
     for column in (*columns, "status"):
         table.add_column(column, justify="left" if column in ("layer", "method", "ranks", "status") else "right")
     for row in report["layers"]:
-        status = row["status"] if row["status"] == "rewritten" else f"{row['status']}: {row['reason']}"
+        status = f"{row['status']}: {row['reason']}" if row["reason"] else row["status"]
         cells = [row["name"], row["method"] or "", str(row["ranks"] or ""), _count(row["macs_before"]),
                  _count(row["macs_after"]), _number(row["weight_rel_error"]), _number(row["output_rel_error"])]
         if timed:

@@ -22,7 +22,7 @@ import onnx
 
 from onnx_lowrank import branches, inputs, scopes
 from onnx_lowrank.graph import LAYER_OPS, Layer, find_layers, infer_shapes
-from onnx_lowrank.pins import describe_values, with_values
+from onnx_lowrank.pins import describe_values, with_values, without_pinned
 
 __all__ = ["Discovery", "discover"]
 
@@ -49,8 +49,9 @@ def discover(model: onnx.ModelProto, pinned: Mapping, values: Mapping[str, np.nd
         shapes = infer_shapes(model, pinned, need=need, seed=seed, values=values)
         return Discovery(shapes, find_layers(model, shapes), None)
     specs = inputs.input_specs(model)
-    concrete = inputs.resolve_shapes(specs, pinned)
-    feed = with_values(inputs.random_feeds(specs, concrete, count=1, seed=seed), values, specs)
+    free = without_pinned(specs, values)
+    feed = with_values(inputs.random_feeds(free, inputs.resolve_shapes(free, pinned), count=1, seed=seed), values,
+                       specs)
     taken = branches.specialize(model, feed)
     shapes = infer_shapes(model, pinned, need=need, seed=seed, values=values)
     for forced in (*_other_branches(model, taken), None):

@@ -276,8 +276,9 @@ def infer_shapes(model: onnx.ModelProto, pinned: Mapping[str, tuple[int, ...]] |
     extra graph outputs.
     """
     from onnx_lowrank import inputs as model_inputs
+    from onnx_lowrank.pins import without_pinned
 
-    specs = model_inputs.input_specs(model)
+    specs = without_pinned(model_inputs.input_specs(model), values or {})
     concrete = model_inputs.resolve_shapes(specs, dict(pinned or {}))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -333,7 +334,8 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, s
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
         session = make_session(probe, "cpu", produced=False, optimize=False, label="the model")
-        feed = with_values(model_inputs.random_feeds(specs, concrete, count=1, seed=seed), values, specs)[0]
+        feed = with_values(model_inputs.random_feeds(specs, concrete, count=1, seed=seed), values,
+                           model_inputs.input_specs(model))[0]
         values = session.run(exposed, feed)
     except Exception as exc:  # noqa: BLE001 - reported as unknown shapes, not a crash
         log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])

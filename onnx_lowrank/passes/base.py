@@ -176,6 +176,17 @@ class Workspace:
 
         return MemoryBudget.from_setting(self.settings.max_memory)
 
+    def view(self, feeds: list[dict]):
+        """The canonical model with the If branches `feeds` take inlined (`branches.view_of`), once
+        per list of feeds: calibration, output gains and the guard walk the layers of those
+        branches as main-graph layers."""
+        from onnx_lowrank.branches import view_of
+
+        key = (id(self.canonical), id(feeds))
+        if key not in self.views:
+            self.views[key] = view_of(self.canonical, feeds)
+        return self.views[key]
+
     @property
     def candidates(self) -> list[LayerDecision]:
         """The decisions of layers still to factorize (no reason to leave them out so far)."""

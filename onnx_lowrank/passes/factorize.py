@@ -73,13 +73,19 @@ class FactorizePass(Pass):
         return self.methods.serving(decision.method or self.method, decision.layer)
 
     def _fit_to_data(self, workspace, todo: list[LayerDecision], workers: _Workers, progress) -> None:
-        """One walk over the calibration inputs; each main-graph candidate fitted at its visit.
+        """One walk over the calibration inputs; each candidate they reach fitted at its visit.
+
+        The walk runs on the view of the canonical model with the If branches the calibration
+        inputs take inlined (`Workspace.view`), so the layers of those branches are fitted like
+        main-graph ones; a layer no calibration input runs (another branch, a Loop or Scan body)
+        is fitted to its weights, and says so.
 
         In sequential mode the visit must return the layer's chain (the walk carries the
         compressed world through it), so the fit waits for its job; in independent mode the jobs
         run while the walk goes on and are collected after it.
         """
-        by_name = {d.layer.name: d for d in todo if d.layer.subgraph is None}
+        view = workspace.view(workspace.calibration)
+        by_name = {d.layer.name: d for d in todo if view.holds(d.layer.subgraph)}
         pending: list[tuple[LayerDecision, concurrent.futures.Future]] = []
 
         def visit(layer, xs, xts):
@@ -97,12 +103,17 @@ class FactorizePass(Pass):
             self._decide(decision, job.result())
             return decision.chain if decision.status == "rewritten" else None
 
-        layers = [d.layer for d in workspace.decisions.values() if d.layer.subgraph is None
+        layers = [d.layer for d in workspace.decisions.values() if view.holds(d.layer.subgraph)
                   and d.layer.weight is not None]
-        calibrate.walk_layers(workspace.canonical, layers, workspace.calibration, visit, sequential=self.sequential,
+        calibrate.walk_layers(view.model, layers, workspace.calibration, visit, sequential=self.sequential,
                               provider="cpu", progress=progress, activation_limit=workspace.memory.activations)
         for decision, job in pending:
             self._decide(decision, job.result())
+        for decision in todo:
+            if decision.layer.name not in by_name:
+                self._decide(decision, fit_layer(decision.layer, self._method(decision), decision.ranks, self.policy))
+                if decision.status == "rewritten":
+                    decision.reason = f"fitted to its weights only: no calibration input runs {decision.layer.scope}"
 
     def _decide(self, decision: LayerDecision, plan: Plan) -> None:
         layer = decision.layer
