@@ -10,6 +10,7 @@ from onnx_lowrank.fitting import Plan, fit_layer
 from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
 from onnx_lowrank.passes.judge import LatencyJudge
+from onnx_lowrank.rewrite.chain import chain_costs
 
 __all__ = ["FactorizePass"]
 
@@ -62,6 +63,7 @@ class FactorizePass(Pass):
                 plans = workers.map(fit_layer, [(d.layer, self._method(d), d.ranks, self.policy) for d in todo])
                 for decision, plan in zip(todo, progress(plans, len(todo), f"factorizing ({self.method})"), strict=True):
                     self._decide(decision, plan)
+        _share_factors(workspace.rewritten)
         if self.judge is not None:
             for decision in progress(list(workspace.rewritten), len(workspace.rewritten), "timing layers"):
                 self.judge(decision)
@@ -130,6 +132,28 @@ class FactorizePass(Pass):
                                f"not fewer than the original {layer.macs:,}")
             return
         decision.status = "rewritten"
+
+
+def _share_factors(rewritten: list[LayerDecision]) -> None:
+    """Layers in different bodies that read one weight (the branches of an If) take one chain:
+    that of the first fitted to data where one was (its decision has no note), else the first's.
+    The rewrite then places the factors once, where the weight was (`rewrite.scoped`)."""
+    groups: dict[tuple, list[LayerDecision]] = {}
+    for decision in rewritten:
+        layer = decision.layer
+        if layer.subgraph is not None:
+            key = (layer.weight_name, layer.bias_name, layer.op, layer.conv, layer.gemm, layer.weight_side)
+            groups.setdefault(key, []).append(decision)
+    for group in groups.values():
+        if len({d.layer.subgraph for d in group}) < len(group):
+            continue
+        leader = min(group, key=lambda d: d.reason is not None)
+        for decision in group:
+            if decision is not leader:
+                decision.method, decision.ranks, decision.chain = leader.method, leader.ranks, leader.chain
+                decision.macs_after, decision.params_after = chain_costs(leader.chain, decision.layer)
+                decision.weight_rel_error = leader.weight_rel_error
+                decision.reason = f"shares the factors of '{leader.layer.name}' (one weight)"
 
 
 class _Done:

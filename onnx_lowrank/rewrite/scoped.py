@@ -10,8 +10,9 @@ place in its own graph (the body's inputs and outputs stay as they are), and its
   factorized once: the chains of both branches read the same factors), else
 - into the layer's own graph (a weight local to the body, or shared with a reader that keeps it).
 
-New names are `<node name>/lowrank/...`, unique across scopes since node names are. Initializers
-no node reads any more are dropped, scope by scope.
+New names are `<node name>/lowrank/...`, unique across scopes since node names are; factors
+placed in an outer scope are `<weight name>/lowrank/...`, the factors of that weight for every
+chain that reads them. Initializers no node reads any more are dropped, scope by scope.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def rewrite_in_scopes(model: onnx.ModelProto, decisions: Sequence) -> onnx.Model
     by_scope: dict[str | None, list] = {}
     for decision in decisions:
         by_scope.setdefault(scope_of[decision.layer.name], []).append(decision)
-    placed: dict[int, Layer] = {}   # id(chain) -> the layer whose names its outer initializers carry
+    placed: set[int] = set()   # id() of the chains whose factors sit in an outer scope
     for path in sorted(by_scope, key=lambda p: -1 if p is None else p.count("/"), reverse=True):
         graph = graph_at(out, path)
         replaced = {}
@@ -69,14 +70,18 @@ def rewrite_in_scopes(model: onnx.ModelProto, decisions: Sequence) -> onnx.Model
             home = owner.get(layer.weight_name, path)
             if not readers[layer.weight_name] <= {d.layer.name for d in decisions if d.chain is chain}:
                 home = path
-            first = placed.get(id(chain)) if home != path else None
-            if first is not None:
-                renamed = {t.name: t.name.replace(_prefix(layer), _prefix(first), 1) for t in initializers}
+            if home == path:
+                graph.initializer.extend(initializers)
+            else:
+                renamed = {t.name: t.name.replace(f"{layer.name}/lowrank/", f"{layer.weight_name}/lowrank/", 1)
+                           for t in initializers}
                 for new in nodes:
                     new.input[:] = [renamed.get(name, name) for name in new.input]
-            else:
-                (graph if home == path else graph_at(out, home)).initializer.extend(initializers)
-                placed.setdefault(id(chain), layer)
+                if id(chain) not in placed:
+                    for tensor in initializers:
+                        tensor.name = renamed[tensor.name]
+                    graph_at(out, home).initializer.extend(initializers)
+                    placed.add(id(chain))
             for new in nodes:
                 new.doc_string = chain.describe(layer)
             replaced[layer.name] = nodes
@@ -85,10 +90,6 @@ def rewrite_in_scopes(model: onnx.ModelProto, decisions: Sequence) -> onnx.Model
         graph.node.extend(rebuilt)
     prune_initializers(out.graph)
     return out
-
-
-def _prefix(layer: Layer) -> str:
-    return f"{layer.name}/lowrank/"
 
 
 def _readers(graphs) -> dict[str, set[str]]:
