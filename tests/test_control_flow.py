@@ -8,6 +8,8 @@ and inside a Scan (4 steps). Every check runs the models in onnxruntime.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import onnx
 import pytest
@@ -17,7 +19,7 @@ from conftest import FULL_RANK_RTOL, relative_error, run
 from onnx_lowrank import api
 from onnx_lowrank.config import Settings
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.graph import iter_graphs
+from onnx_lowrank.graph import canonicalize, iter_graphs
 from onnx_lowrank.inputs import input_specs
 from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes import (
@@ -243,3 +245,37 @@ def test_validate_fills_a_pinned_input(tmp_path):
 
     assert main(["validate", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--input-value", "sr:8000",
                  "--no-latency"]) == 0
+
+
+def test_keep_structure_projects_body_weights_to_the_rewrite(rng):
+    rewritten = api.compress(if_model(), None, Settings(method="tucker2", rank_ratio=0.5, data_aware=False,
+                                                        input_value=("sr:16000",), validate=False))
+    projected = api.compress(if_model(), None, Settings(method="tucker2", rank_ratio=0.5, data_aware=False,
+                                                        input_value=("sr:16000",), validate=False,
+                                                        keep_structure=True))
+    onnx.checker.check_model(projected.model, full_check=True)
+    assert scope_nodes(projected.model) == scope_nodes(canonicalize(if_model()))   # the same nodes in every body
+    for feed in feeds("if", rng):
+        assert relative_error(run(rewritten.model, feed)[0], run(projected.model, feed)[0]) < FULL_RANK_RTOL
+
+
+def test_the_guard_measures_the_layers_of_the_taken_branch(tmp_path, rng):
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 4, 8, 8)).astype(np.float32))
+    result = api.compress(if_model(), None, Settings(method="tucker2", rank_ratio=0.25, data_aware=False,
+                                                     calib=str(tmp_path / "calib.npz"), input_value=("sr:16000",),
+                                                     max_error=1e-3, validate=False))
+    layers = {layer.name: layer for layer in result.layers}
+    assert layers["then_second"].status == "rolled_back" and layers["then_second"].output_rel_error > 1e-3
+    assert layers["else_second"].status == "rewritten" and layers["else_second"].output_rel_error is None
+
+
+SILERO = pathlib.Path("~/.cache/onnx-lowrank/models/silero-vad.onnx").expanduser()
+
+
+@pytest.mark.skipif(not SILERO.exists(), reason="the zoo's silero-vad is not in the cache (tools/fetch_models.py)")
+def test_silero_vad_default_export_lists_its_branch_layers_as_candidates():
+    found = api.inspect(SILERO, ["input:1x576"], ["sr:16000", "state:0"])
+    convs = [layer for layer in found.layers if layer.subgraph is not None]
+    assert len(convs) == 12 and sum(layer.candidate for layer in convs) == 10   # two 1x128 output convs: rank 1
+    assert all(layer.macs for layer in convs if layer.candidate)
+    assert found.totals["macs"] == sum(layer.macs for layer in convs if "then_branch" in layer.subgraph)
