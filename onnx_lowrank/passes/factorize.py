@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable, Iterator
 
-from onnx_lowrank import calibrate
+from onnx_lowrank import calibrate, iterations
 from onnx_lowrank.fitting import Plan, fit_layer
 from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
@@ -79,8 +79,9 @@ class FactorizePass(Pass):
 
         The walk runs on the view of the canonical model with the If branches the calibration
         inputs take inlined (`Workspace.view`), so the layers of those branches are fitted like
-        main-graph ones; a layer no calibration input runs (another branch, a Loop or Scan body)
-        is fitted to its weights, and says so.
+        main-graph ones. A layer in a Loop or Scan body is fitted to its inputs in every iteration
+        of the ORIGINAL model (`iterations`: not sequential); a layer no calibration input runs
+        (another branch) is fitted to its weights. Both say so.
 
         In sequential mode the visit must return the layer's chain (the walk carries the
         compressed world through it), so the fit waits for its job; in independent mode the jobs
@@ -111,11 +112,18 @@ class FactorizePass(Pass):
                               provider="cpu", progress=progress, activation_limit=workspace.memory.activations)
         for decision, job in pending:
             self._decide(decision, job.result())
-        for decision in todo:
-            if decision.layer.name not in by_name:
-                self._decide(decision, fit_layer(decision.layer, self._method(decision), decision.ranks, self.policy))
-                if decision.status == "rewritten":
-                    decision.reason = f"fitted to its weights only: no calibration input runs {decision.layer.scope}"
+        unreached = [d for d in todo if d.layer.name not in by_name]
+        inputs = iterations.gather(view, workspace.canonical, [d.layer for d in unreached], workspace.calibration)
+        for decision in unreached:
+            layer, method, xs = decision.layer, self._method(decision), inputs.get(decision.layer.name)
+            moments = calibrate.layer_moments(layer, xs, None, workspace.memory) if xs and method.uses_data(layer) \
+                else None
+            self._decide(decision, fit_layer(layer, method, decision.ranks, self.policy, moments, self.refit,
+                                             self.bias_correction))
+            if decision.status == "rewritten":
+                decision.reason = (f"fitted to its inputs in every iteration of {layer.scope}, from the original "
+                                   "model" if xs else f"fitted to its weights only: no calibration input runs "
+                                   f"{layer.scope}")
 
     def _decide(self, decision: LayerDecision, plan: Plan) -> None:
         layer = decision.layer
