@@ -50,6 +50,8 @@ class CompressionResult:
         timings: each pass's name, seconds and result, in order.
         curves: the spectra and error curves of the largest factorized layers, those the ranks
             were chosen from (`report.report_curves`), when a report was asked for; else None.
+        counting: how the totals count If branches and Loop/Scan iterations, in words (None
+            without control flow).
     """
 
     model: onnx.ModelProto
@@ -61,6 +63,7 @@ class CompressionResult:
     validation: object | None
     timings: tuple[PassTiming, ...]
     curves: object | None = None
+    counting: str | None = None
 
     @property
     def rewritten(self) -> tuple[LayerResult, ...]:
@@ -116,7 +119,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
         layers=tuple(d.result() for d in workspace.decisions.values()),
         totals_before=dict(workspace.totals_before), totals_after=dict(workspace.totals_after),
         folds=workspace.folds, validation=workspace.validation, timings=tuple(timings),
-        curves=report_curves(workspace) if settings.report is not None else None)
+        curves=report_curves(workspace) if settings.report is not None else None, counting=workspace.counting)
     if output is not None:
         save_model(result.model, output)
     if settings.report is not None:

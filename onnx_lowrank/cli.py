@@ -288,6 +288,8 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
                   f"({_share(totals['macs_after'], totals['macs_before'])}); params "
                   f"{_count(totals['params_before'])} -> {_count(totals['params_after'])} "
                   f"({_share(totals['params_after'], totals['params_before'])})")
+    if totals.get("counting"):
+        console.print(f"control flow counted: {totals['counting']}", markup=False, highlight=False)
     folded = report.get("folded") or {}
     if any(folded.values()):
         console.print(f"folded exactly: {FoldCounts.from_report(folded).describe()} (--no-fold keeps them)")

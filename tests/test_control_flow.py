@@ -218,6 +218,11 @@ def test_a_budget_counts_the_taken_branch_and_keeps_the_other_dense(tmp_path, rn
         method="tucker2", target_macs=0.7, calib=str(tmp_path / "calib.npz"), input_value=("sr:16000",),
         rank_multiple=1, validate=False))
     assert abs(result.totals_after["macs"] / result.totals_before["macs"] - 0.7) <= 0.02
+    from onnx_lowrank.report import compression_report, validate_report
+
+    report = compression_report(result, "if.onnx", "out.onnx")
+    validate_report(report)
+    assert "taken for sr=16000" in report["totals"]["counting"]
     other = [layer for layer in result.layers if layer.name.startswith("else_")]
     assert all(layer.status == "skipped" and "not taken for sr=16000" in layer.reason for layer in other)
 
