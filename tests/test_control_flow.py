@@ -163,6 +163,14 @@ def test_half_rank_chains_sit_in_their_bodies_with_their_factors_where_the_body_
     assert any(name.startswith("w_else/lowrank/") for name in initializers[None])
 
 
+@pytest.mark.parametrize("kind,body,layer", [("loop", "repeat/body", "loop_conv"),
+                                              ("scan", "over_frames/body", "scan_conv")])
+def test_half_rank_loop_and_scan_chains_sit_in_their_bodies(kind, body, layer):
+    nodes = scope_nodes(rewrite(BUILDERS[kind](), "tucker2", 0.5).model)   # checked with full_check
+    assert layer not in nodes[body] and sum(name.startswith(f"{layer}/lowrank/") for name in nodes[body]) == 3
+    assert not any("/lowrank/" in name for name in nodes[None])
+
+
 def test_bodies_keep_their_inputs_and_outputs():
     original, rewritten = loop_model(), rewrite(loop_model(), "svd", 0.5).model
     before, after = ({path: graph for graph, path in iter_graphs(m.graph)}["repeat/body"] for m in (original, rewritten))
