@@ -39,11 +39,13 @@ class View:
         chosen: If path ("If_0", "If_0/then_branch/If_1") -> the branch attribute inlined.
         inlined: the scopes whose nodes sit in the view's main graph: None (the main graph)
             and the paths of the inlined branches.
+        deciders: If path -> the graph inputs its condition was computed from (empty when forced).
     """
 
     model: onnx.ModelProto
     chosen: Mapping[str, str]
     inlined: frozenset
+    deciders: Mapping[str, frozenset] = dataclasses.field(default_factory=dict)
 
     def holds(self, scope: str | None) -> bool:
         """Whether the nodes of `scope` (a layer's `subgraph`) are main-graph nodes of the view."""
@@ -67,6 +69,7 @@ def specialize(model: onnx.ModelProto, feeds: Sequence[dict], forced: Mapping[st
     chosen: dict[str, str] = {}
     inlined: set = {None}
     undecided: set[str] = set()
+    deciders: dict[str, frozenset] = {}
     while True:
         pending = [node for node in view.graph.node if node.op_type == "If" and node.name not in undecided
                    and any(holds_layers(sub) for _, sub in scopes.subgraphs(node))]
@@ -88,7 +91,8 @@ def specialize(model: onnx.ModelProto, feeds: Sequence[dict], forced: Mapping[st
             origin.update(dict.fromkeys(added, body_path))
             chosen[path] = branch
             inlined.add(body_path)
-    return View(view, chosen, frozenset(inlined))
+            deciders[path] = frozenset() if path in forced else _reads(view.graph, condition)
+    return View(view, chosen, frozenset(inlined), deciders)
 
 
 def view_of(model: onnx.ModelProto, feeds: Sequence[dict]) -> View:
@@ -137,9 +141,28 @@ def evaluate(model: onnx.ModelProto, names: list[str], feeds: Sequence[dict]) ->
     return found
 
 
+def _reads(graph: onnx.GraphProto, name: str) -> frozenset:
+    """The graph inputs the main-graph tensor `name` is computed from."""
+    needed = _needed(graph, [name])[1]
+    return frozenset(value.name for value in graph.input if value.name in needed)
+
+
 def _slice(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """The main-graph nodes `names` depend on, as a model with those outputs."""
     graph = model.graph
+    kept, needed = _needed(graph, names)
+    nodes = [node for index, node in enumerate(graph.node) if index in kept]
+    inputs = [value for value in graph.input if value.name in needed]
+    initializers = [t for t in graph.initializer if t.name in needed]
+    sliced = onnx.helper.make_graph(nodes, "conditions", inputs, [onnx.ValueInfoProto(name=n) for n in names],
+                                    initializers)
+    out = onnx.helper.make_model(sliced, opset_imports=model.opset_import)
+    out.ir_version = min(model.ir_version, runtime_max_ir_version())
+    return out
+
+
+def _needed(graph: onnx.GraphProto, names: list[str]) -> tuple[set[int], set[str]]:
+    """The positions of the main-graph nodes `names` depend on, and every name they read."""
     producers = {o: index for index, node in enumerate(graph.node) for o in node.output}
     needed, stack = set(), list(names)
     kept: set[int] = set()
@@ -155,11 +178,4 @@ def _slice(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             stack.extend(n for n in node.input if n)
             for _, sub in scopes.subgraphs(node):
                 stack.extend(scopes.outer_reads(sub))
-    nodes = [node for index, node in enumerate(graph.node) if index in kept]
-    inputs = [value for value in graph.input if value.name in needed]
-    initializers = [t for t in graph.initializer if t.name in needed]
-    sliced = onnx.helper.make_graph(nodes, "conditions", inputs, [onnx.ValueInfoProto(name=n) for n in names],
-                                    initializers)
-    out = onnx.helper.make_model(sliced, opset_imports=model.opset_import)
-    out.ir_version = min(model.ir_version, runtime_max_ir_version())
-    return out
+    return kept, needed

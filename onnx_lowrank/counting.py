@@ -3,8 +3,8 @@
 The cost of one model run depends on the branches it takes and the iterations it makes. Each
 layer's own MACs are those of one execution; its `runs` say how often the totals count it:
 - an If branch counts once when it is the branch the pinned inputs take (`--input-value`,
-  e.g. sr=16000), 0 times when it is the other; without a pin deciding it, the branch with the
-  larger cost counts (the most a run can cost);
+  e.g. sr=16000, when the If's condition is computed from a pinned input), 0 times when it is the
+  other; without a pin deciding it, the branch with the larger cost counts (the most a run can cost);
 - a Loop body counts once per iteration when the trip count is a constant (else once, said so),
   a Scan body once per element of the scanned axis.
 Shapes inside the branches come from views (`branches.specialize`): the taken branches on a
@@ -57,8 +57,10 @@ def discover(model: onnx.ModelProto, pinned: Mapping, values: Mapping[str, np.nd
     for forced in (*_other_branches(model, taken), None):
         shapes.update(_view_shapes(model, feed, forced, taken, pinned, shapes, seed, values))
     layers = find_layers(model, shapes)
-    decided = {path: branch for path, branch in taken.chosen.items() if values}
-    counting = _annotate(model, layers, shapes, decided, describe_values(values))
+    decided = {path: branch for path, branch in taken.chosen.items() if taken.deciders[path] & values.keys()}
+    deciding = set().union(*(taken.deciders[path] for path in decided))
+    counting = _annotate(model, layers, shapes, decided,
+                         describe_values({name: v for name, v in values.items() if name in deciding}))
     return Discovery(shapes, layers, counting)
 
 

@@ -188,6 +188,9 @@ def test_totals_count_the_branch_a_pin_takes_and_every_iteration():
     assert "taken for sr=16000" in layers["then_second"].scope and "not taken" in layers["else_second"].scope
     assert found.totals["macs"] == conv3 + 8 * 8 * 8 * 8 * 9
     assert "taken for sr=16000" in found.counting
+    # A pin the condition does not read decides nothing: the costlier branch counts.
+    unpinned = api.inspect(if_model(), input_values=["x:0"])
+    assert "costlier branch" in unpinned.counting and unpinned.totals == found.totals
     # Without a pin the costlier branch counts: the then_branch (a 3x3 second conv, not a 1x1).
     assert api.inspect(if_model()).totals["macs"] == found.totals["macs"]
     assert api.inspect(if_model(), input_values=["sr:8000"]).totals["macs"] == conv3 + 8 * 8 * 8 * 8
