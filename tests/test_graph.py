@@ -143,7 +143,7 @@ def test_dynamic_batch_is_pinned(rng):
     assert only_layer(model, ["x:4x3x8x8"]).output_shape == (4, 4, 6, 6)
 
 
-def test_layers_in_if_branches_are_listed_with_reason(rng):
+def test_layers_in_if_branches_are_candidates_counted_once_per_branch(rng):
     weight = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
     branch = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["z"], name="inner")], "then",
                                [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])])
@@ -155,10 +155,15 @@ def test_layers_in_if_branches_are_listed_with_reason(rng):
                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
                         helper.make_tensor_value_info("v", TensorProto.FLOAT, None)], [weight])
-    layers = {layer.name: layer for layer in api.inspect(model).layers}
+    found = api.inspect(model)
+    layers = {layer.name: layer for layer in found.layers}
     assert layers["inner"].subgraph == "branching/then_branch"
-    assert "control-flow" in layers["inner"].skip_reason
-    assert layers["outer"].candidate
+    assert layers["inner"].candidate and layers["outer"].candidate
+    assert layers["inner"].macs == 2 * 4 * 3 and layers["inner"].runs == 1
+    assert "then_branch of If 'branching'" in layers["inner"].scope
+    # No --input-value decides the branch: the costlier one (the then_branch, the only one with a layer) counts.
+    assert found.totals["macs"] == 2 * (2 * 4 * 3)
+    assert "costlier branch" in found.counting
 
 
 def test_quantized_and_runtime_weights_are_skipped(rng):
