@@ -265,6 +265,36 @@ def _kernel_shape(node: onnx.NodeProto, graph: onnx.GraphProto) -> list[int] | N
     return None
 
 
+#: Initializers larger than this are left out of the copies shape inference reads.
+INFERENCE_WEIGHT_BYTES = 1 << 10
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for ONNX shape inference: every main-graph initializer of more than
+    `INFERENCE_WEIGHT_BYTES` becomes a typed graph input of its shape. Inference reads their shapes,
+    not their values, and the copy stays small: protobuf cannot serialise a model of 2 GiB or more,
+    which shape inference does."""
+    large = {t.name for t in model.graph.initializer
+             if len(t.raw_data) > INFERENCE_WEIGHT_BYTES or t.data_location == onnx.TensorProto.EXTERNAL
+             or sum(len(f) for f in (t.float_data, t.double_data, t.int64_data, t.int32_data)) * 4
+             > INFERENCE_WEIGHT_BYTES}
+    copy = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            (getattr(copy, field.name).extend(value) if hasattr(value, "extend")
+             else getattr(copy, field.name).CopyFrom(value) if hasattr(value, "CopyFrom")
+             else setattr(copy, field.name, value))
+    graph = model.graph
+    copy.graph.name = graph.name
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(copy.graph, name).extend(getattr(graph, name))
+    copy.graph.initializer.extend(t for t in graph.initializer if t.name not in large)
+    listed = {i.name for i in graph.input}
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                            for t in graph.initializer if t.name in large and t.name not in listed)
+    return copy
+
+
 def infer_shapes(model: onnx.ModelProto, pinned: Mapping[str, tuple[int, ...]] | None = None,
                  need: set[str] | None = None, seed: int = 0,
                  values: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
@@ -280,8 +310,7 @@ def infer_shapes(model: onnx.ModelProto, pinned: Mapping[str, tuple[int, ...]] |
 
     specs = without_pinned(model_inputs.input_specs(model), values or {})
     concrete = model_inputs.resolve_shapes(specs, dict(pinned or {}))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = without_weights(model)
     for value in probe.graph.input:
         if value.name in concrete:
             dims = value.type.tensor_type.shape.dim

@@ -194,3 +194,19 @@ def test_bundled_digits_model_totals():
     workspace = api.inspect("models/digits_cnn.onnx")
     expected_macs = 8 * 8 * 32 * 9 + 8 * 8 * 64 * 32 * 9 + 2 * 4 * 4 * 64 * 64 * 9 + 256 * 64 + 64 * 10
     assert workspace.totals == {"macs": expected_macs, "params": 109_770}
+
+
+def test_shape_inference_reads_a_copy_without_the_weights():
+    from onnx_lowrank.graph import INFERENCE_WEIGHT_BYTES, infer_shapes, without_weights
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")              # 8 KiB: left out
+    shape = numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "shape")         # kept: a value inference reads
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, shape])
+    light = without_weights(model)
+    assert [t.name for t in light.graph.initializer] == ["shape"] and "w" in {i.name for i in light.graph.input}
+    assert light.ByteSize() < INFERENCE_WEIGHT_BYTES < weight.ByteSize()
+    assert infer_shapes(model)["y"] == (3, 4, 8) and infer_shapes(model)["h"] == (3, 32)
+    assert len(model.graph.initializer) == 2                                          # the model is untouched
