@@ -332,7 +332,7 @@ def infer_shapes(model: onnx.ModelProto, pinned: Mapping[str, tuple[int, ...]] |
             shapes[init.name] = tuple(init.dims)
     missing = sorted((need or set()) - shapes.keys())
     if missing:
-        shapes.update(_runtime_shapes(probe, missing, specs, concrete, seed, values or {}))
+        shapes.update(_runtime_shapes(model, missing, specs, concrete, seed, values or {}))
     return shapes
 
 

@@ -210,3 +210,13 @@ def test_shape_inference_reads_a_copy_without_the_weights():
     assert light.ByteSize() < INFERENCE_WEIGHT_BYTES < weight.ByteSize()
     assert infer_shapes(model)["y"] == (3, 4, 8) and infer_shapes(model)["h"] == (3, 32)
     assert len(model.graph.initializer) == 2                                          # the model is untouched
+
+
+def test_shapes_inference_cannot_resolve_are_read_off_a_run_of_the_model_with_its_weights():
+    from onnx_lowrank.graph import infer_shapes
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")              # over INFERENCE_WEIGHT_BYTES
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("NonZero", ["h"], ["nz"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                       [helper.make_tensor_value_info("nz", TensorProto.INT64, None)], [weight])
+    assert infer_shapes(model, need={"nz"})["nz"] == (2, 3 * 32)    # random x: every product is nonzero
