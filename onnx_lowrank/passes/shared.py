@@ -30,7 +30,8 @@ __all__ = ["SharedStatistics", "inputs_key", "layer_key", "statistics_key"]
 def inputs_key(settings, path: str | None, count: int | None) -> tuple:
     """What decides the feeds loaded from `path` (`count` of them): the source, the batching, the
     pinned shapes, the image preprocessing and (for random inputs) the seed."""
-    return (path, count, settings.batch_size, tuple(settings.input_shape), settings.image_options(), settings.seed)
+    images = (settings.resize, tuple(settings.mean), tuple(settings.std), settings.layout, settings.channel_order)
+    return path, count, settings.batch_size, tuple(settings.input_shape), images, settings.seed
 
 
 def statistics_key(settings) -> tuple:
