@@ -143,7 +143,8 @@ def markdown_text(results: list[dict], command: str) -> str:
                   f"![{r['case'].name}]({r['figure']})", ""]
         rows = []
         for point, alone in zip(r["report"]["points"], r["separate"], strict=True):
-            same = "yes" if alone["macs"] == point["macs"] else f"no ({alone['macs']})"
+            same = ("yes" if alone["macs"] == point["macs"] else f"no ({alone['macs']})") if point["macs"] else (
+                "neither has a model" if alone["macs"] is None else f"no ({alone['macs']})")
             rows.append([f"{point['target']:g}", point["method"], _cell(point["macs_kept"], ".3f"),
                          _cell(point["speedup"], ".2f"), _cell(point["metric"], ".4f"),
                          _cell(point["compress_seconds"], ".1f"), f"{alone['seconds']:.1f}", same,

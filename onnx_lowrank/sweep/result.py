@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from onnx_lowrank.config import Settings
+from onnx_lowrank.config import POLICY_KEYS, Settings
 from onnx_lowrank.sweep.options import SweepOptions
 from onnx_lowrank.sweep.points import SweepPoint
 from onnx_lowrank.timing import LatencyStats
 
 __all__ = ["SweepResult"]
+
+#: Settings each point sets for itself.
+PER_POINT = frozenset((*POLICY_KEYS, "method"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +60,13 @@ class SweepResult:
         return None if self.picked is None else self.points[self.picked]
 
     def to_dict(self) -> dict:
-        """sweep.json: the settings, the sweep's options, the pick, the costs and every point."""
+        """sweep.json: the settings the points share (not the rank policy and method, which are the
+        points'), the sweep's options, the pick, the costs and every point."""
         from onnx_lowrank import __version__
 
         return {
-            "tool_version": __version__, "name": self.name, "model": self.source, "settings": self.settings.to_dict(),
+            "tool_version": __version__, "name": self.name, "model": self.source,
+            "settings": {k: v for k, v in self.settings.to_dict().items() if k not in PER_POINT},
             "targets": list(self.options.targets), "methods": list(self.options.methods), "keep": self.options.keep,
             "quality": self.quality, "min_metric": self.options.min_metric, "picked": self.picked,
             "provider": self.provider, "device": self.device,
