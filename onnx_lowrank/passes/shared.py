@@ -29,9 +29,10 @@ __all__ = ["SharedStatistics", "inputs_key", "layer_key", "statistics_key"]
 
 def inputs_key(settings, path: str | None, count: int | None) -> tuple:
     """What decides the feeds loaded from `path` (`count` of them): the source, the batching, the
-    pinned shapes, the image preprocessing and (for random inputs) the seed."""
+    pinned shapes and values, the image preprocessing and (for random inputs) the seed."""
     images = (settings.resize, tuple(settings.mean), tuple(settings.std), settings.layout, settings.channel_order)
-    return path, count, settings.batch_size, tuple(settings.input_shape), images, settings.seed
+    pins = tuple(settings.input_shape), tuple(settings.input_value)
+    return path, count, settings.batch_size, pins, images, settings.seed
 
 
 def statistics_key(settings) -> tuple:

@@ -52,7 +52,8 @@ class DataSpectraPass(Pass):
     def run(self, workspace, progress):
         stored = self.shared.spectra
         context = statistics_key(workspace.settings)
-        layers = {d.layer.name: d.layer for d in workspace.candidates if d.layer.subgraph is None}
+        view = workspace.view(workspace.calibration)
+        layers = {d.layer.name: d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)}
         keys = {name: (context, layer_key(layer)) for name, layer in layers.items()}
         wanted = {name: [m.name for m in self._serving(layer, self.method_names)] for name, layer in layers.items()}
         todo = {name: layer for name, layer in layers.items()
@@ -70,7 +71,7 @@ class DataSpectraPass(Pass):
 
         if todo:
             start = time.perf_counter()
-            calibrate.walk_layers(workspace.canonical, list(todo.values()), workspace.calibration, visit,
+            calibrate.walk_layers(view.model, list(todo.values()), workspace.calibration, visit,
                                   sequential=False, progress=progress, activation_limit=workspace.memory.activations)
             self.shared.walks += 1
             self.shared.seconds += time.perf_counter() - start
@@ -101,12 +102,13 @@ class OutputGainsPass(Pass):
         self.shared = shared if shared is not None else SharedStatistics()
 
     def run(self, workspace, progress):
-        todo = [d.layer for d in workspace.candidates if d.layer.subgraph is None]
+        view = workspace.view(workspace.calibration)
+        todo = [d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)]
         key = (statistics_key(workspace.settings), tuple(layer_key(layer) for layer in todo))
         reused = key in self.shared.gains
         if not reused:
             start = time.perf_counter()
-            self.shared.gains[key] = self._measure(workspace, todo, progress)
+            self.shared.gains[key] = self._measure(workspace, view.model, todo, progress)
             self.shared.gain_runs += 1
             self.shared.seconds += time.perf_counter() - start
         gains, samples = self.shared.gains[key]
@@ -117,14 +119,15 @@ class OutputGainsPass(Pass):
         return PassResult(False, f"output gains of {len(gains)} layers{spread}, on {samples} samples{again}")
 
     @staticmethod
-    def _measure(workspace, todo, progress) -> tuple[dict[str, float], int]:
-        measured = set(calibrate.measured_outputs(workspace.canonical))
+    def _measure(workspace, model, todo, progress) -> tuple[dict[str, float], int]:
+        measured = set(calibrate.measured_outputs(model))
         shapes = workspace.shapes
         if not measured <= shapes.keys():   # e.g. logits behind a Reshape that inference cannot follow
-            shapes = infer_shapes(workspace.canonical, workspace.pinned, need=measured, seed=workspace.settings.seed)
-        freedom = calibrate.output_freedom(workspace.canonical, shapes)
+            shapes = infer_shapes(model, workspace.pinned, need=measured, seed=workspace.settings.seed,
+                                  values=workspace.values)
+        freedom = calibrate.output_freedom(model, shapes)
         feeds, samples = _first_samples(workspace.calibration, gain_samples(freedom))
-        gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress,
+        gains = calibrate.output_gains(model, todo, feeds, progress=progress,
                                        activation_limit=workspace.memory.activations)
         return gains, samples
 
