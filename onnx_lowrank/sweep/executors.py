@@ -87,7 +87,9 @@ class RayExecutor:
             package = str(pathlib.Path(__file__).resolve().parent.parent)
             try:
                 threads = str(blas_threads())
-                ray.init(address=address, num_cpus=cpus if address is None else None, include_dashboard=False,
+                # "local": a new cluster even where another one's address is on file (/tmp/ray)
+                ray.init(address=address or "local", num_cpus=cpus if address is None else None,
+                         include_dashboard=False,
                          log_to_driver=False, runtime_env={"py_modules": [package], "env_vars": {
                              name: threads for name in BLAS_THREAD_VARIABLES}})
             except ConnectionError as exc:
