@@ -38,6 +38,7 @@ from onnx_lowrank.report import (
     reused_calibration,
 )
 from onnx_lowrank.runtime import CONV_ALGO_SEARCHES, resolve_provider
+from onnx_lowrank.sweep import cli as sweep_cli
 
 __all__ = ["main"]
 
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validation_options(validate)
     validate.add_argument("--metric", help="task metric: top1, detection, ctc, textmap or module:function")
     validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sweep_cli.add_parser(commands, _add_shape_option, _add_validation_options)
     return parser
 
 
@@ -181,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        return {"inspect": _inspect, "compress": _compress, "validate": _validate}[args.command](
+        return {"inspect": _inspect, "compress": _compress, "validate": _validate, "sweep": sweep_cli.run}[args.command](
             args, console)
     except InputError as exc:
         errors.print(f"onnx-lowrank: error: {exc}", markup=False, highlight=False, soft_wrap=True)

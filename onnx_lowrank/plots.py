@@ -15,7 +15,7 @@ import numpy as np
 
 from onnx_lowrank.files import atomic_write_bytes
 
-__all__ = ["CURVE_PLOT_LAYERS", "MACS_PLOT_LAYERS", "STATUSES", "error_figure", "macs_figure", "save",
+__all__ = ["CURVE_PLOT_LAYERS", "MACS_PLOT_LAYERS", "STATUSES", "bare_figure", "error_figure", "macs_figure", "save",
            "spectra_figure"]
 
 STATUSES = ("rewritten", "skipped", "rolled_back")
@@ -26,7 +26,7 @@ CURVE_PLOT_LAYERS = 6  # lines in spectra.png / error_vs_rank.png: tab10 colours
 DPI = 120
 
 
-def _figure(width: float, height: float):
+def bare_figure(width: float, height: float):
     """A bare Agg-backed figure: no pyplot, no global backend change, no window."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -56,7 +56,7 @@ def macs_figure(layers: Sequence[dict]):
 
     shown = sorted(layers, key=lambda layer: -layer["macs_before"])[:MACS_PLOT_LAYERS]
     count = len(shown)
-    figure = _figure(8.0, max(2.5, 0.24 * count + 1.4))
+    figure = bare_figure(8.0, max(2.5, 0.24 * count + 1.4))
     axes = figure.add_subplot()
     title = "MACs per layer, before vs after"
     if len(layers) > count:
@@ -95,7 +95,7 @@ def _largest(names, sizes: Mapping[str, int]) -> list[str]:
 
 
 def spectra_figure(curves, sizes: Mapping[str, int]):
-    figure = _figure(7.0, 4.5)
+    figure = bare_figure(7.0, 4.5)
     axes = figure.add_subplot()
     for name in _largest(list(curves.spectra), sizes):
         values = np.asarray(curves.spectra[name], dtype=np.float64)
@@ -125,7 +125,7 @@ def spectra_figure(curves, sizes: Mapping[str, int]):
 
 
 def error_figure(curves, sizes: Mapping[str, int]):
-    figure = _figure(7.0, 4.5)
+    figure = bare_figure(7.0, 4.5)
     axes = figure.add_subplot()
     for name in _largest(list(curves.error_curves), sizes):
         ranks, errors = (np.asarray(a, dtype=np.float64) for a in curves.error_curves[name])

@@ -22,7 +22,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,7 @@ from onnx_lowrank.runtime import (
 
 __all__ = [
     "LatencyComparison", "LatencyStats", "Runner", "check_counts", "compare_latency", "device_name",
+    "interleaved_latency",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,33 +193,50 @@ def compare_latency(
     *,
     candidate_produced: bool = False,
 ) -> LatencyComparison:
-    """Latency of both models in one process, interleaved.
+    """Latency of both models in one process, interleaved (`interleaved_latency`):
+    ``speedup = median_before / median_after``. `candidate_produced`: the candidate is the
+    tool's own product (see `onnx_lowrank.runtime.make_session`); the original is always the user's.
+    """
+    choice = resolve_provider(provider)
+    (before, after), provider_used = interleaved_latency(
+        [original, candidate], feed, choice, warmup, repeats, threads, io_binding,
+        produced=[False, candidate_produced], labels=["the original model", "the candidate model"])
+    speedup = before.median_ms / after.median_ms if after.median_ms > 0 else math.inf
+    logger.info("latency on %s: %.3f ms -> %.3f ms (x%.2f)", provider_used, before.median_ms,
+                after.median_ms, speedup)
+    return LatencyComparison(before, after, speedup, provider_used)
 
-    After ``warmup`` runs of each, the timed runs alternate between the two models, and the
-    order inside each pair alternates too (AB, BA, AB, ...), so drifts in clock speed, heat
-    or background load hit both alike. ``speedup = median_before / median_after``.
-    `candidate_produced`: the candidate is the tool's own product (see
-    `onnx_lowrank.runtime.make_session`); the original is always the user's.
+
+def interleaved_latency(
+    models: Sequence[ModelLike | Session],
+    feed: Mapping[str, np.ndarray],
+    provider: str | ProviderChoice = "auto",
+    warmup: int = 10,
+    repeats: int = 50,
+    threads: int | None = None,
+    io_binding: bool = True,
+    *,
+    produced: Sequence[bool],
+    labels: Sequence[str],
+) -> tuple[list[LatencyStats], str]:
+    """Latency of several models in one process, interleaved, and the provider that ran them.
+
+    After ``warmup`` runs of each, every round runs each model once, in order on even rounds and
+    in reverse order on odd ones (two models: AB, BA, AB, ...), so drifts in clock speed, heat or
+    background load hit all alike. `produced[i]`: model i is the tool's own product;
+    `labels[i]`: how errors name it.
     """
     check_counts(warmup, repeats)
     choice = resolve_provider(provider)
-    sessions = [make_session(original, choice, threads, produced=False, label="the original model",
-                             timing=True),
-                make_session(candidate, choice, threads, produced=candidate_produced,
-                             label="the candidate model", timing=True)]
+    sessions = [make_session(model, choice, threads, produced=made, label=label, timing=True)
+                for model, made, label in zip(models, produced, labels, strict=True)]
     runners = [Runner(session, feed, io_binding) for session in sessions]
     for runner in runners:
         for _ in range(warmup):
             runner()
-    samples: list[list[float]] = [[], []]
+    samples: list[list[float]] = [[] for _ in runners]
+    forward = list(range(len(runners)))
     for i in range(repeats):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for which in order:
+        for which in (forward if i % 2 == 0 else forward[::-1]):
             samples[which].append(runners[which]())
-    before = LatencyStats.from_samples(samples[0])
-    after = LatencyStats.from_samples(samples[1])
-    speedup = before.median_ms / after.median_ms if after.median_ms > 0 else math.inf
-    provider_used = sessions[0].provider
-    logger.info("latency on %s: %.3f ms -> %.3f ms (x%.2f)", provider_used, before.median_ms,
-                after.median_ms, speedup)
-    return LatencyComparison(before, after, speedup, provider_used)
+    return [LatencyStats.from_samples(times) for times in samples], sessions[0].provider

@@ -12,12 +12,13 @@ from onnx_lowrank.passes.judge import LatencyJudge
 from onnx_lowrank.passes.pipeline import default_pipeline, inspect_pipeline, rank_policy
 from onnx_lowrank.passes.prepare import CanonicalizePass, FindLayersPass, FoldPass, LoadInputsPass, SelectLayersPass
 from onnx_lowrank.passes.rewrite import RewritePass, projected_model, rewritten_model
+from onnx_lowrank.passes.shared import SharedStatistics
 from onnx_lowrank.passes.statistics import DataSpectraPass, OutputGainsPass
 
 __all__ = [
     "ARTIFACTS", "BudgetPass", "CanonicalizePass", "CountPass", "DataSpectraPass", "FactorizePass",
     "FindLayersPass", "FoldPass", "GuardPass", "LatencyJudge", "LayerDecision", "LayerResult", "LoadInputsPass",
-    "OutputGainsPass", "Pass", "PassResult", "PassTiming", "Pipeline", "RewritePass", "SelectLayersPass",
+    "OutputGainsPass", "Pass", "PassResult", "PassTiming", "Pipeline", "RewritePass", "SelectLayersPass", "SharedStatistics",
     "Tracker", "ValidatePass", "Workspace", "default_pipeline", "inspect_pipeline", "plain_tracker",
     "projected_model", "rank_policy", "rewritten_model",
 ]

@@ -257,6 +257,10 @@ class Pipeline:
         index = self._index(name) + 1
         return Pipeline((*self.passes[:index], new, *self.passes[index:]))
 
+    def before(self, name: str) -> Pipeline:
+        """A new pipeline of the passes before the one named `name` (the first steps of a run)."""
+        return Pipeline(self.passes[:self._index(name)])
+
     def without(self, name: str) -> Pipeline:
         """A new pipeline without the pass named `name` (checked like any other)."""
         index = self._index(name)

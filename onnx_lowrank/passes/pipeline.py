@@ -16,6 +16,7 @@ from onnx_lowrank.passes.prepare import (
     CanonicalizePass, FindLayersPass, FoldPass, LoadInputsPass, SelectLayersPass,
 )
 from onnx_lowrank.passes.rewrite import RewritePass
+from onnx_lowrank.passes.shared import SharedStatistics
 from onnx_lowrank.passes.statistics import DataSpectraPass, OutputGainsPass
 from onnx_lowrank.runtime import resolve_provider
 
@@ -38,13 +39,16 @@ def inspect_pipeline() -> Pipeline:
     return Pipeline((CanonicalizePass(), FindLayersPass()))
 
 
-def default_pipeline(settings: Settings) -> Pipeline:
+def default_pipeline(settings: Settings, shared: SharedStatistics | None = None) -> Pipeline:
     """The passes `compress` runs for `settings`, in order.
 
     inputs -> canonicalize -> [fold] -> find layers -> select layers -> [data spectra, output
     gains: with a budget and calibration data] -> [allocate: with a budget] -> factorize ->
     rewrite -> [guard: with a bound] -> count -> [validate].
+    `shared`: the store of inputs, data spectra and gains that runs over the same model share
+    (`passes.shared.SharedStatistics`); a private one by default.
     """
+    shared = shared if shared is not None else SharedStatistics()
     methods = MethodSet(settings)
     provider = resolve_provider(settings.provider, conv_algo_search=settings.cudnn_conv_algo_search)
     data_aware = settings.calib is not None and settings.data_aware
@@ -55,7 +59,7 @@ def default_pipeline(settings: Settings) -> Pipeline:
         judge = LatencyJudge(provider, settings.threads, settings.latency_margin, LatencyCache())
     metric = load_metric(settings.metric) if settings.metric else None
     passes: list[Pass] = [
-        LoadInputsPass(),
+        LoadInputsPass(shared),
         CanonicalizePass(),
         *([FoldPass()] if settings.fold and not settings.keep_structure else []),
         FindLayersPass(),
@@ -65,9 +69,9 @@ def default_pipeline(settings: Settings) -> Pipeline:
         measure, target = settings.budget
         names = auto_candidates() if settings.method == "auto" else (settings.method,)
         if data_aware:
-            passes.append(DataSpectraPass(methods, names))
+            passes.append(DataSpectraPass(methods, names, shared))
             if settings.output_weighting:
-                passes.append(OutputGainsPass())
+                passes.append(OutputGainsPass(shared))
         passes.append(BudgetPass(methods, target, measure, names, settings.rank_multiple, judge))
     passes.append(FactorizePass(methods, settings.method, rank_policy(settings), data_aware=data_aware,
                                 sequential=settings.sequential, refit=settings.refit,

@@ -12,9 +12,11 @@ from onnx_lowrank.fold import fold_elementwise
 from onnx_lowrank.counting import discover
 from onnx_lowrank.graph import LAYER_OPS, canonicalize, model_totals
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
+from onnx_lowrank.passes.shared import SharedStatistics, inputs_key
 from onnx_lowrank.pins import with_values, without_pinned
 
-__all__ = ["CanonicalizePass", "FindLayersPass", "FoldPass", "LoadInputsPass", "SelectLayersPass"]
+__all__ = ["CanonicalizePass", "FindLayersPass", "FoldPass", "LoadInputsPass", "SelectLayersPass", "calibration_source",
+           "evaluation_source"]
 
 
 #: Calibration inputs used at most when --calib-count is not given (docs/bench_calib_count.md:
@@ -34,26 +36,42 @@ class LoadInputsPass(Pass):
     requires = ("model",)
     provides = ("calibration", "checks")
 
+    def __init__(self, shared: SharedStatistics | None = None):
+        """`shared`: a store of feeds loaded before (`passes.shared`); a private one by default."""
+        self.shared = shared if shared is not None else SharedStatistics()
+
     def run(self, workspace, progress):
         settings = workspace.settings
         loaded: dict[tuple, list[dict]] = {}
 
         def feeds(path: str | None, count: int | None) -> list[dict]:
-            if (path, count) not in loaded:
-                loaded[path, count] = _load(workspace.original, settings, workspace.pinned, workspace.values, path,
-                                            count)
+            key = inputs_key(settings, path, count)
+            if key not in self.shared.feeds:
+                self.shared.feeds[key] = _load(workspace.original, settings, workspace.pinned, workspace.values,
+                                               path, count)
+            loaded[path, count] = self.shared.feeds[key]
             return loaded[path, count]
 
-        calib_count = settings.calib_count or (CALIB_CAP if settings.calib is not None else None)
         if settings.calib is not None and settings.data_aware:
-            workspace.calibration = feeds(settings.calib, calib_count)
+            workspace.calibration = feeds(*calibration_source(settings))
         if settings.guarded:
-            workspace.guard_feeds = feeds(settings.calib, calib_count)
+            workspace.guard_feeds = feeds(*calibration_source(settings))
         if settings.validate:
-            workspace.eval_feeds = (feeds(settings.eval, settings.eval_count) if settings.eval is not None
-                                    else feeds(settings.calib, calib_count))
+            workspace.eval_feeds = feeds(*evaluation_source(settings))
         return PassResult(False, ", ".join(f"{_samples(f)} samples from {path or 'random inputs'}"
                                            for (path, _), f in loaded.items()) or "no inputs needed")
+
+
+def calibration_source(settings) -> tuple[str | None, int | None]:
+    """(path, count) of the calibration inputs: `--calib`, at most `--calib-count` (default
+    `CALIB_CAP`); random inputs (`--calib-count` of them, if given) without `--calib`."""
+    return settings.calib, settings.calib_count or (CALIB_CAP if settings.calib is not None else None)
+
+
+def evaluation_source(settings) -> tuple[str | None, int | None]:
+    """(path, count) of the validation inputs: `--eval` (at most `--eval-count`), else the
+    calibration inputs (`calibration_source`)."""
+    return (settings.eval, settings.eval_count) if settings.eval is not None else calibration_source(settings)
 
 
 def _samples(feeds: list[dict]) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from onnx_lowrank import calibrate
 from onnx_lowrank.graph import infer_shapes
 from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes.base import Pass, PassResult
+from onnx_lowrank.passes.shared import SharedStatistics, layer_key, statistics_key
 
 __all__ = ["DataSpectraPass", "OutputGainsPass", "gain_samples"]
 
@@ -28,32 +30,58 @@ class DataSpectraPass(Pass):
     moments, from which each method serving it reads whitened spectra (`Method.spectra` with
     statistics); the budget allocator then spends the budget where the OUTPUT error per MAC
     saved is smallest, not the weight error.
+
+    The spectra go through a `SharedStatistics` store: the walk visits only the layers the store
+    lacks, measuring the methods asked for and the store's `method_names`; each layer's spectra
+    of the methods asked for are then read from the store. A private store by default.
     """
 
     name = "data spectra"
     requires = ("layers", "calibration")
     provides = ("spectra",)
 
-    def __init__(self, methods: MethodSet, method_names: Sequence[str]):
+    def __init__(self, methods: MethodSet, method_names: Sequence[str], shared: SharedStatistics | None = None):
         self.methods = methods
         self.method_names = tuple(method_names)
+        self.shared = shared if shared is not None else SharedStatistics()
+
+    def _serving(self, layer, names: Sequence[str]) -> list:
+        serving = [self.methods.serving(name, layer) for name in names]
+        return [m for m in serving if m.uses_data(layer) and m.not_applicable(layer) is None]
 
     def run(self, workspace, progress):
+        stored = self.shared.spectra
+        context = statistics_key(workspace.settings)
         view = workspace.view(workspace.calibration)
-        todo = {d.layer.name: d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)}
+        layers = {d.layer.name: d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)}
+        keys = {name: (context, layer_key(layer)) for name, layer in layers.items()}
+        wanted = {name: [m.name for m in self._serving(layer, self.method_names)] for name, layer in layers.items()}
+        todo = {name: layer for name, layer in layers.items()
+                if keys[name] not in stored or not set(wanted[name]) <= stored[keys[name]].keys()}
+        measured = tuple(dict.fromkeys((*self.method_names, *self.shared.method_names)))
 
         def visit(layer, xs, xts):
-            serving = [self.methods.serving(name, layer) for name in self.method_names]
-            serving = [m for m in serving if m.uses_data(layer) and m.not_applicable(layer) is None]
+            known = stored.get(keys[layer.name], {})
+            serving = [m for m in self._serving(layer, measured) if m.name not in known]
             if layer.name in todo and serving:
                 moments = calibrate.layer_moments(layer, xs, None, workspace.memory)
-                workspace.spectra[layer.name] = {
-                    m.name: m.spectra(layer, moments if moments.dense or m.sample_space else None) for m in serving}
+                stored[keys[layer.name]] = {**known, **{
+                    m.name: m.spectra(layer, moments if moments.dense or m.sample_space else None) for m in serving}}
             return None
 
-        calibrate.walk_layers(view.model, list(todo.values()), workspace.calibration, visit,
-                              sequential=False, progress=progress, activation_limit=workspace.memory.activations)
-        return PassResult(False, f"output-error spectra of {len(workspace.spectra)} layers")
+        if todo:
+            start = time.perf_counter()
+            calibrate.walk_layers(view.model, list(todo.values()), workspace.calibration, visit,
+                                  sequential=False, progress=progress, activation_limit=workspace.memory.activations)
+            self.shared.walks += 1
+            self.shared.seconds += time.perf_counter() - start
+            for name in todo:   # no method of the layer reads data: nothing to measure, ever
+                stored.setdefault(keys[name], {})
+        for name in layers:
+            if wanted[name]:
+                workspace.spectra[name] = {method: stored[keys[name]][method] for method in wanted[name]}
+        reused = f", {len(layers) - len(todo)} of them measured before" if len(todo) < len(layers) else ""
+        return PassResult(False, f"output-error spectra of {len(workspace.spectra)} layers{reused}")
 
 
 class OutputGainsPass(Pass):
@@ -69,10 +97,29 @@ class OutputGainsPass(Pass):
     requires = ("layers", "calibration")
     provides = ("gains",)
 
+    def __init__(self, shared: SharedStatistics | None = None):
+        """`shared`: a store of gains measured before (`passes.shared`); a private one by default."""
+        self.shared = shared if shared is not None else SharedStatistics()
+
     def run(self, workspace, progress):
         view = workspace.view(workspace.calibration)
-        model = view.model
         todo = [d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)]
+        key = (statistics_key(workspace.settings), tuple(layer_key(layer) for layer in todo))
+        reused = key in self.shared.gains
+        if not reused:
+            start = time.perf_counter()
+            self.shared.gains[key] = self._measure(workspace, view.model, todo, progress)
+            self.shared.gain_runs += 1
+            self.shared.seconds += time.perf_counter() - start
+        gains, samples = self.shared.gains[key]
+        for name, gain in gains.items():
+            workspace.decisions[name].output_gain = gain
+        spread = f" (from {min(gains.values()):.3g} to {max(gains.values()):.3g})" if gains else ""
+        again = ", measured before" if reused else ""
+        return PassResult(False, f"output gains of {len(gains)} layers{spread}, on {samples} samples{again}")
+
+    @staticmethod
+    def _measure(workspace, model, todo, progress) -> tuple[dict[str, float], int]:
         measured = set(calibrate.measured_outputs(model))
         shapes = workspace.shapes
         if not measured <= shapes.keys():   # e.g. logits behind a Reshape that inference cannot follow
@@ -82,10 +129,7 @@ class OutputGainsPass(Pass):
         feeds, samples = _first_samples(workspace.calibration, gain_samples(freedom))
         gains = calibrate.output_gains(model, todo, feeds, progress=progress,
                                        activation_limit=workspace.memory.activations)
-        for name, gain in gains.items():
-            workspace.decisions[name].output_gain = gain
-        spread = f" (from {min(gains.values()):.3g} to {max(gains.values()):.3g})" if gains else ""
-        return PassResult(False, f"output gains of {len(gains)} layers{spread}, on {samples} samples")
+        return gains, samples
 
 
 def gain_samples(freedom: int | None) -> int:
