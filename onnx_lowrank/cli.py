@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     fitting.add_argument("--no-output-weighting", dest="output_weighting", action="store_false", default=None,
                          help="budgets: weigh every layer's output error alike, not by its effect on the "
                               "model's outputs")
+    fitting.add_argument("--activation-aware", action="store_true", default=None,
+                         help="fit layers followed by ReLU, Clip, hard-swish, sigmoid-gated and similar units "
+                              "to their response after the activation (Zhang et al. 2016)")
     guard = compress.add_argument_group("error guard (roll back layers until the bound holds)")
     guard.add_argument("--max-error", type=float, help="largest relative output error of one layer")
     guard.add_argument("--min-cosine", type=float, help="smallest cosine of any model output with the original")

@@ -48,6 +48,7 @@ class Settings:
     refit: bool = True
     bias_correction: bool = True
     output_weighting: bool = True
+    activation_aware: bool = False
     calib_count: int | None = None
     eval_count: int | None = None
     batch_size: int | None = None

@@ -23,6 +23,8 @@ Variants (all at the same `target_macs`):
 * `seq-bare`      sequential, `refit=False, bias_correction=False`
 * `seq-unweighted` sequential, `output_weighting=False` (budget allocation by each layer's own
   relative output error, not weighted by its measured effect on the model's outputs)
+* `activation-aware` sequential, `activation_aware=True` (layers before a ReLU, Clip, hard-swish,
+  sigmoid gate and the like fitted to the response after it: `onnx_lowrank.activation_fit`)
 
 Models and metrics:
 
@@ -92,6 +94,7 @@ VARIANTS = {
     "seq-no-refit": {"data_aware": True, "sequential": True, "refit": False},
     "seq-no-bias": {"data_aware": True, "sequential": True, "bias_correction": False},
     "seq-bare": {"data_aware": True, "sequential": True, "refit": False, "bias_correction": False},
+    "activation-aware": {"data_aware": True, "sequential": True, "activation_aware": True},
 }
 #: Samples per onnxruntime run of the evaluation.
 EVAL_BATCH = 16

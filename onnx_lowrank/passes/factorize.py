@@ -6,8 +6,10 @@ import concurrent.futures
 from collections.abc import Callable, Iterator
 
 from onnx_lowrank import calibrate
+from onnx_lowrank.activation_fit import sample_rows
 from onnx_lowrank.fitting import Plan, fit_layer
 from onnx_lowrank.methods import MethodSet
+from onnx_lowrank.nonlinearity import activations_after
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
 from onnx_lowrank.passes.judge import LatencyJudge
 
@@ -37,7 +39,7 @@ class FactorizePass(Pass):
 
     def __init__(self, methods: MethodSet, method: str, policy, data_aware: bool = False, sequential: bool = True,
                  refit: bool = True, bias_correction: bool = True, jobs: int = 1, judge: LatencyJudge | None = None,
-                 require_savings: bool = True):
+                 require_savings: bool = True, activation_aware: bool = False):
         self.methods = methods
         self.method = method
         self.policy = policy
@@ -50,6 +52,7 @@ class FactorizePass(Pass):
         self.jobs = jobs
         self.judge = judge
         self.require_savings = require_savings
+        self.activation_aware = activation_aware
 
     def run(self, workspace, progress):
         todo = workspace.candidates
@@ -80,6 +83,8 @@ class FactorizePass(Pass):
         run while the walk goes on and are collected after it.
         """
         by_name = {d.layer.name: d for d in todo if d.layer.subgraph is None}
+        activations = (activations_after(workspace.canonical, [d.layer for d in todo]) if self.activation_aware
+                       else {})
         pending: list[tuple[LayerDecision, concurrent.futures.Future]] = []
 
         def visit(layer, xs, xts):
@@ -89,8 +94,11 @@ class FactorizePass(Pass):
             method = self._method(decision)
             moments = (calibrate.layer_moments(layer, xs, xts if self.sequential else None, workspace.memory)
                        if method.uses_data(layer) else None)
+            activation = activations.get(layer.name) if moments is not None and moments.dense else None
+            samples = (calibrate.layer_samples(layer, xs, xts, sample_rows(layer, workspace.memory))
+                       if activation is not None else None)
             job = workers.submit(fit_layer, layer, method, decision.ranks, self.policy, moments, self.refit,
-                                 self.bias_correction)
+                                 self.bias_correction, activation, samples)
             if not self.sequential:
                 pending.append((decision, job))
                 return None

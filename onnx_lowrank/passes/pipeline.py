@@ -71,7 +71,8 @@ def default_pipeline(settings: Settings) -> Pipeline:
         passes.append(BudgetPass(methods, target, measure, names, settings.rank_multiple, judge))
     passes.append(FactorizePass(methods, settings.method, rank_policy(settings), data_aware=data_aware,
                                 sequential=settings.sequential, refit=settings.refit,
-                                bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge))
+                                bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge,
+                                activation_aware=settings.activation_aware))
     passes.append(RewritePass())
     if settings.guarded:
         passes.append(GuardPass(provider, settings.threads, max_error=settings.max_error,
