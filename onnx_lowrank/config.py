@@ -49,6 +49,7 @@ class Settings:
     bias_correction: bool = True
     output_weighting: bool = True
     activation_aware: bool = False
+    refine_blocks: bool = False
     calib_count: int | None = None
     eval_count: int | None = None
     batch_size: int | None = None

@@ -12,6 +12,7 @@ from onnx_lowrank.passes.factorize import FactorizePass
 from onnx_lowrank.passes.finish import CountPass, ValidatePass
 from onnx_lowrank.passes.guard import GuardPass
 from onnx_lowrank.passes.judge import LatencyJudge
+from onnx_lowrank.passes.refine import RefinePass
 from onnx_lowrank.passes.prepare import (
     CanonicalizePass, FindLayersPass, FoldPass, LoadInputsPass, SelectLayersPass,
 )
@@ -43,7 +44,7 @@ def default_pipeline(settings: Settings) -> Pipeline:
 
     inputs -> canonicalize -> [fold] -> find layers -> select layers -> [data spectra, output
     gains: with a budget and calibration data] -> [allocate: with a budget] -> factorize ->
-    rewrite -> [guard: with a bound] -> count -> [validate].
+    [refine: --refine-blocks with calibration data] -> rewrite -> [guard: with a bound] -> count -> [validate].
     """
     methods = MethodSet(settings)
     provider = resolve_provider(settings.provider, conv_algo_search=settings.cudnn_conv_algo_search)
@@ -73,6 +74,8 @@ def default_pipeline(settings: Settings) -> Pipeline:
                                 sequential=settings.sequential, refit=settings.refit,
                                 bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge,
                                 activation_aware=settings.activation_aware))
+    if data_aware and settings.refine_blocks:
+        passes.append(RefinePass())
     passes.append(RewritePass())
     if settings.guarded:
         passes.append(GuardPass(provider, settings.threads, max_error=settings.max_error,
