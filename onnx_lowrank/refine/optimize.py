@@ -31,7 +31,9 @@ __all__ = ["Refinement", "RefineOptions", "refine_block"]
 
 @dataclasses.dataclass(frozen=True)
 class RefineOptions:
-    """The optimiser's settings (defaults measured on the benchmark's models: see the README)."""
+    """The optimiser's settings. The learning rate was picked on the digits CNN at 0.2 of the
+    MACs (1e-3 / 3e-3 / 1e-2: held-out block error 0.032 -> 0.025 / 0.025 / 0.022 in 120 steps,
+    still falling at 120); the others are first choices, not tuned (see the README)."""
 
     steps: int = 120
     batch: int = 8
