@@ -50,6 +50,8 @@ class CompressionResult:
         timings: each pass's name, seconds and result, in order.
         curves: the spectra and error curves of the largest factorized layers, those the ranks
             were chosen from (`report.report_curves`), when a report was asked for; else None.
+        counting: how the totals count If branches and Loop/Scan iterations, in words (None
+            without control flow).
     """
 
     model: onnx.ModelProto
@@ -61,6 +63,7 @@ class CompressionResult:
     validation: object | None
     timings: tuple[PassTiming, ...]
     curves: object | None = None
+    counting: str | None = None
 
     @property
     def rewritten(self) -> tuple[LayerResult, ...]:
@@ -74,18 +77,22 @@ class InspectResult:
 
     layers: tuple
     totals: dict
+    counting: str | None = None
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
-def inspect(model: onnx.ModelProto | str | os.PathLike, input_shapes: list[str] | None = None) -> InspectResult:
-    """List a model's layers with shapes, MACs, parameters and candidate/skip reason."""
+def inspect(model: onnx.ModelProto | str | os.PathLike, input_shapes: list[str] | None = None,
+            input_values: list[str] | None = None) -> InspectResult:
+    """List a model's layers with shapes, MACs, parameters and candidate/skip reason; `counting`
+    says how the totals count control flow (None without it)."""
     loaded = _as_model(model)
-    workspace = Workspace(original=loaded, model=loaded, settings=Settings(input_shape=tuple(input_shapes or ())))
+    settings = Settings(input_shape=tuple(input_shapes or ()), input_value=tuple(input_values or ()))
+    workspace = Workspace(original=loaded, model=loaded, settings=settings)
     inspect_pipeline().run(workspace)
-    return InspectResult(tuple(workspace.layers), dict(workspace.totals_before))
+    return InspectResult(tuple(workspace.layers), dict(workspace.totals_before), workspace.counting)
 
 
 def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLike | None = None,
@@ -112,7 +119,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
         layers=tuple(d.result() for d in workspace.decisions.values()),
         totals_before=dict(workspace.totals_before), totals_after=dict(workspace.totals_after),
         folds=workspace.folds, validation=workspace.validation, timings=tuple(timings),
-        curves=report_curves(workspace) if settings.report is not None else None)
+        curves=report_curves(workspace) if settings.report is not None else None, counting=workspace.counting)
     if output is not None:
         save_model(result.model, output)
     if settings.report is not None:

@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the result failed a bound the user asked for; 2 bad inp
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import dataclasses
 import json
 import logging
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_shape_option(parser):
     parser.add_argument("--input-shape", action="append", metavar="NAME:1x3x224x224",
                         help="pin a dynamic input's shape (repeatable)")
+    parser.add_argument("--input-value", action="append", metavar="NAME:VALUE",
+                        help="pin an input to a value in every feed, e.g. sr:16000 (repeatable); decides "
+                             "the If branches the totals count")
 
 
 def _add_validation_options(parser):
@@ -179,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     errors = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if debug and not faulthandler.is_enabled():
+        # A native crash (onnxruntime, LAPACK) then prints the Python stack it happened in.
+        faulthandler.enable(file=sys.__stderr__)
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -211,26 +218,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _inspect(args, console: Console) -> int:
-    found = api.inspect(args.model, args.input_shape)
+    found = api.inspect(args.model, args.input_shape, args.input_value)
     layers, totals = found.layers, found.totals
     if args.json:
+        counting = {"counting": found.counting} if found.counting else {}
         print(json.dumps({"layers": [layer.to_dict() for layer in layers],
-                          "totals": {"macs": totals["macs"], "params": totals["params"]}}, indent=2))
+                          "totals": {"macs": totals["macs"], "params": totals["params"]}, **counting}, indent=2))
         return 0
     table = Table(title=f"{args.model}: {len(layers)} layers", title_justify="left")
     for column in ("layer", "op", "weight", "groups", "output", "MACs", "% MACs", "params", "status"):
         table.add_column(column, justify="right" if column in ("MACs", "% MACs", "params", "groups") else "left")
     for layer in layers:
-        share = f"{100 * layer.macs / totals['macs']:.1f}" if layer.macs and totals["macs"] else "-"
+        share = f"{100 * layer.macs * layer.runs / totals['macs']:.1f}" if layer.macs and totals["macs"] else "-"
         table.add_row(layer.name, layer.op, _dims(layer.weight.shape if layer.weight is not None else None),
                       str(layer.conv.group) if layer.conv else "", _dims(layer.output_shape),
                       _count(layer.macs), share, _count(layer.params),
-                      "candidate" if layer.candidate else f"skip: {layer.skip_reason}")
+                      ("candidate" if layer.candidate else f"skip: {layer.skip_reason}")
+                      + (f" (in {layer.scope})" if layer.scope else ""))
     console.print(table)
     candidates = [layer for layer in layers if layer.candidate]
-    covered = sum(layer.macs or 0 for layer in candidates)
+    covered = sum((layer.macs or 0) * layer.runs for layer in candidates)
     console.print(f"total: {_count(totals['macs'])} MACs, {_count(totals['params'])} params; "
                   f"{len(candidates)} candidates hold {_share(covered, totals['macs'])} of the MACs")
+    if found.counting:
+        console.print(f"control flow counted: {found.counting}", markup=False, highlight=False)
     return 0
 
 
@@ -278,7 +289,7 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
     for column in (*columns, "status"):
         table.add_column(column, justify="left" if column in ("layer", "method", "ranks", "status") else "right")
     for row in report["layers"]:
-        status = row["status"] if row["status"] == "rewritten" else f"{row['status']}: {row['reason']}"
+        status = f"{row['status']}: {row['reason']}" if row["reason"] else row["status"]
         cells = [row["name"], row["method"] or "", str(row["ranks"] or ""), _count(row["macs_before"]),
                  _count(row["macs_after"]), _number(row["weight_rel_error"]), _number(row["output_rel_error"])]
         if timed:
@@ -290,6 +301,8 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
                   f"({_share(totals['macs_after'], totals['macs_before'])}); params "
                   f"{_count(totals['params_before'])} -> {_count(totals['params_after'])} "
                   f"({_share(totals['params_after'], totals['params_before'])})")
+    if totals.get("counting"):
+        console.print(f"control flow counted: {totals['counting']}", markup=False, highlight=False)
     folded = report.get("folded") or {}
     if any(folded.values()):
         console.print(f"folded exactly: {FoldCounts.from_report(folded).describe()} (--no-fold keeps them)")
@@ -327,7 +340,7 @@ def _validate(args, console: Console) -> int:
     settings = load_config(None, {key: getattr(args, key) for key in IMAGE_KEYS})
     result = validate.validate_models(
         args.original, args.candidate, calib=args.calib,
-        input_shapes=args.input_shape,
+        input_shapes=args.input_shape, input_values=args.input_value,
         provider=resolve_provider(args.provider or "auto", conv_algo_search=args.cudnn_conv_algo_search or "EXHAUSTIVE"),
         count=args.calib_count, metric=args.metric,
         latency=args.latency is not False, threads=args.threads,

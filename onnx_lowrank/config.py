@@ -41,6 +41,7 @@ class Settings:
     layers: str | None = None
     skip: str | None = None
     input_shape: tuple[str, ...] = ()
+    input_value: tuple[str, ...] = ()
     calib: str | None = None
     eval: str | None = None
     data_aware: bool = True
@@ -143,7 +144,7 @@ class Settings:
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
-        for key in ("tiles", "input_shape", "mean", "std"):
+        for key in ("tiles", "input_shape", "input_value", "mean", "std"):
             values[key] = list(getattr(self, key))
         return values
 
@@ -170,7 +171,7 @@ def load_config(path: str | pathlib.Path | None, overrides: Mapping[str, object]
     for key in ("mean", "std"):
         if key in values and isinstance(values[key], str):
             values[key] = parse_floats(values[key], f"--{key}")
-    for key in ("tiles", "input_shape", "mean", "std"):
+    for key in ("tiles", "input_shape", "input_value", "mean", "std"):
         if key in values:
             values[key] = tuple(values[key])
     return Settings(**values)

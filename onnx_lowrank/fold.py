@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank.graph import onnx_opset
+from onnx_lowrank.graph import onnx_opset, without_weights
 from onnx_lowrank.rewrite.chain import zero_subnormals
 
 __all__ = ["FoldCounts", "fold_elementwise"]
@@ -92,11 +92,16 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
         log.info("not folding: the model has sparse initializers or initializers listed as graph inputs, "
                  "which the graph rebuild would not keep")
         return model, FoldCounts()
+    inferred = onnx.ModelProto()
+    inferred.CopyFrom(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except (ValueError, onnx.shape_inference.InferenceError) as exc:  # > 2 GiB, or a model inference rejects
+        shapes = onnx.shape_inference.infer_shapes(without_weights(model)).graph
+        del inferred.graph.value_info[:]
+        inferred.graph.value_info.extend(shapes.value_info)
+        for output, typed in zip(inferred.graph.output, shapes.output, strict=True):
+            output.CopyFrom(typed)
+    except (ValueError, onnx.shape_inference.InferenceError) as exc:  # a model inference rejects
         log.info("folding without inferred shapes: %s", str(exc).splitlines()[0] if str(exc) else exc)
-        inferred = model
     graph = gs.import_onnx(inferred)
     opset = onnx_opset(model, 1)
     counts = FoldCounts()

@@ -74,7 +74,9 @@ class Layer:
     `weight` is the constant operand as stored (Conv `[T, S/g, k..]`; Gemm B as stored; MatMul
     the constant side). `matrix()` gives Gemm/MatMul weights as the `[K, N]` (or, constant on the
     left, `[M, K]`) matrix that is factorized. `subgraph` names the control-flow body holding
-    the node ("node/attribute"), None in the main graph.
+    the node ("node/attribute"), None in the main graph; `runs` is how often the model totals
+    count it per model run (0 in an If branch they do not count, a Loop's trip count) and
+    `scope` says so in words (`counting.annotate`).
     """
 
     name: str
@@ -95,6 +97,8 @@ class Layer:
     skip_reason: str | None = None
     macs: int | None = None
     params: int = 0
+    runs: int = 1
+    scope: str | None = None
 
     @property
     def candidate(self) -> bool:
@@ -108,7 +112,7 @@ class Layer:
 
     def to_dict(self) -> dict:
         """The per-layer fields of `inspect --json` (the report contract, before compression)."""
-        return {"name": self.name, "op": self.op, "subgraph": self.subgraph,
+        return {"name": self.name, "op": self.op, "subgraph": self.subgraph, "runs": self.runs, "scope": self.scope,
                 "weight_shape": _listed(self.weight.shape if self.weight is not None else None),
                 "group": self.conv.group if self.conv else None,
                 "input_shape": _listed(self.input_shape), "output_shape": _listed(self.output_shape),
@@ -261,20 +265,52 @@ def _kernel_shape(node: onnx.NodeProto, graph: onnx.GraphProto) -> list[int] | N
     return None
 
 
+#: Initializers larger than this are left out of the copies shape inference reads.
+INFERENCE_WEIGHT_BYTES = 1 << 10
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for ONNX shape inference: every main-graph initializer of more than
+    `INFERENCE_WEIGHT_BYTES` becomes a typed graph input of its shape. Inference reads their shapes,
+    not their values, and the copy stays small: protobuf cannot serialise a model of 2 GiB or more,
+    which shape inference does."""
+    large = {t.name for t in model.graph.initializer
+             if len(t.raw_data) > INFERENCE_WEIGHT_BYTES or t.data_location == onnx.TensorProto.EXTERNAL
+             or sum(len(f) for f in (t.float_data, t.double_data, t.int64_data, t.int32_data)) * 4
+             > INFERENCE_WEIGHT_BYTES}
+    copy = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            (getattr(copy, field.name).extend(value) if hasattr(value, "extend")
+             else getattr(copy, field.name).CopyFrom(value) if hasattr(value, "CopyFrom")
+             else setattr(copy, field.name, value))
+    graph = model.graph
+    copy.graph.name = graph.name
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(copy.graph, name).extend(getattr(graph, name))
+    copy.graph.initializer.extend(t for t in graph.initializer if t.name not in large)
+    listed = {i.name for i in graph.input}
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                            for t in graph.initializer if t.name in large and t.name not in listed)
+    return copy
+
+
 def infer_shapes(model: onnx.ModelProto, pinned: Mapping[str, tuple[int, ...]] | None = None,
-                 need: set[str] | None = None, seed: int = 0) -> dict[str, tuple[int, ...]]:
+                 need: set[str] | None = None, seed: int = 0,
+                 values: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of the model's tensors, by name.
 
     ONNX shape inference runs on a copy whose dynamic input dimensions are pinned (`pinned`, and
     batch 1 by default). Tensors in `need` that inference leaves unresolved are read off one
-    onnxruntime run with random inputs, which exposes them as extra graph outputs.
+    onnxruntime run with random inputs (pinned `values` set: `pins`), which exposes them as
+    extra graph outputs.
     """
     from onnx_lowrank import inputs as model_inputs
+    from onnx_lowrank.pins import without_pinned
 
-    specs = model_inputs.input_specs(model)
+    specs = without_pinned(model_inputs.input_specs(model), values or {})
     concrete = model_inputs.resolve_shapes(specs, dict(pinned or {}))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = without_weights(model)
     for value in probe.graph.input:
         if value.name in concrete:
             dims = value.type.tensor_type.shape.dim
@@ -296,7 +332,7 @@ def infer_shapes(model: onnx.ModelProto, pinned: Mapping[str, tuple[int, ...]] |
             shapes[init.name] = tuple(init.dims)
     missing = sorted((need or set()) - shapes.keys())
     if missing:
-        shapes.update(_runtime_shapes(probe, missing, specs, concrete, seed))
+        shapes.update(_runtime_shapes(probe, missing, specs, concrete, seed, values or {}))
     return shapes
 
 
@@ -309,9 +345,10 @@ def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(d.dim_value for d in dims)
 
 
-def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, seed: int
+def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, seed: int, values
                     ) -> dict[str, tuple[int, ...]]:
     from onnx_lowrank import inputs as model_inputs
+    from onnx_lowrank.pins import with_values
     from onnx_lowrank.runtime import make_session
 
     main_tensors = {o for n in model.graph.node for o in n.output}
@@ -326,7 +363,8 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, s
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
         session = make_session(probe, "cpu", produced=False, optimize=False, label="the model")
-        feed = model_inputs.random_feeds(specs, concrete, count=1, seed=seed)[0]
+        feed = with_values(model_inputs.random_feeds(specs, concrete, count=1, seed=seed), values,
+                           model_inputs.input_specs(model))[0]
         values = session.run(exposed, feed)
     except Exception as exc:  # noqa: BLE001 - reported as unknown shapes, not a crash
         log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])
@@ -440,8 +478,6 @@ def _layer_macs(layer: Layer, node: onnx.NodeProto, shapes: Shapes) -> int | Non
 
 
 def _skip_reason(layer: Layer, node: onnx.NodeProto, scope: dict, producers: dict) -> str | None:
-    if layer.subgraph is not None:
-        return f"inside the control-flow body {layer.subgraph}: rewriting there is not supported yet"
     if layer.weight is None:
         source = producers.get(node.input[1] if layer.op != "MatMul" else node.input[0])
         if source is not None and source.op_type == "DequantizeLinear":
@@ -501,11 +537,12 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 
 
 def model_totals(layers: list[Layer]) -> dict[str, int]:
-    """Whole-model MACs and parameters over every layer; a shared weight is counted once."""
+    """Whole-model MACs (each layer's times its `runs`) and parameters over every layer; a
+    shared weight is counted once."""
     sizes: dict[str, int] = {}
     for layer in layers:
         if layer.weight is not None:
             sizes[layer.weight_name] = layer.weight.size
             if layer.bias_name:
                 sizes[layer.bias_name] = layer.params - layer.weight.size
-    return {"macs": sum(layer.macs or 0 for layer in layers), "params": sum(sizes.values())}
+    return {"macs": sum((layer.macs or 0) * layer.runs for layer in layers), "params": sum(sizes.values())}

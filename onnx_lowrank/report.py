@@ -434,7 +434,8 @@ def compression_report(result, input_path: str, output_path: str) -> dict:
     return {"tool_version": __version__, "input": str(input_path), "output": str(output_path),
             "settings": settings,
             "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
-                       "params_before": before["params"], "params_after": after["params"]},
+                       "params_before": before["params"], "params_after": after["params"],
+                       **({"counting": result.counting} if result.counting else {})},
             "layers": [layer.to_dict() for layer in result.layers],
             "folded": dataclasses.asdict(result.folds),
             "validation": validation}

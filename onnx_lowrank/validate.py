@@ -25,6 +25,7 @@ from onnx_lowrank.inputs import (
     resolve_shapes,
 )
 from onnx_lowrank.metrics import Metric, load_metric
+from onnx_lowrank.pins import parse_input_values, with_values, without_pinned
 from onnx_lowrank.runtime import ProviderChoice, make_session, resolve_provider
 from onnx_lowrank.timing import compare_latency
 
@@ -64,6 +65,7 @@ def validate_models(
     image_options: ImageOptions | None = None,
     warmup: int = 10,
     repeats: int = 50,
+    input_values: Iterable[str] | None = None,
 ) -> ValidationResult:
     """Validate a candidate against the original: numerics, optional metric, latency.
 
@@ -90,6 +92,7 @@ def validate_models(
         image_options: preprocessing for an image folder.
         warmup: untimed latency runs per model.
         repeats: timed latency runs per model.
+        input_values: ``--input-value`` strings: inputs pinned to a value in every feed (`pins`).
 
     Raises:
         InputError: any bad input (paths, shapes, calibration data, provider, metric, a model
@@ -115,11 +118,14 @@ def validate_models(
     metric_fn = load_metric(metric) if metric is not None else None
     choice = resolve_provider(provider)
 
+    values = parse_input_values(input_values, specs)
+    free = without_pinned(specs, values)
     if calib is not None:
-        feeds = load_calibration(calib, specs, pinned, count, batch_size, image_options)
+        feeds = load_calibration(calib, free, pinned, count, batch_size, image_options)
     else:
-        shapes = resolve_shapes(specs, pinned)
-        feeds = random_feeds(specs, shapes, count or RANDOM_COUNT, seed)
+        shapes = resolve_shapes(free, pinned)
+        feeds = random_feeds(free, shapes, count or RANDOM_COUNT, seed)
+    feeds = with_values(feeds, values, specs)
 
     s_orig, s_cand = (make_session(model, choice, threads, produced=False, label=_label(model, which),
                                    timing=latency)

@@ -145,7 +145,7 @@ def test_config_file_sets_the_pipeline(tmp_path, capsys):
     assert report["settings"]["target_macs"] == 0.5
 
 
-def test_a_budget_over_a_model_whose_layers_all_sit_in_control_flow_is_refused_in_one_line(tmp_path, capsys):
+def test_a_budget_over_layers_of_unknown_shape_is_refused_in_one_line(tmp_path, capsys):
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -156,7 +156,7 @@ def test_a_budget_over_a_model_whose_layers_all_sit_in_control_flow_is_refused_i
     branch = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["z"], name="inner")], "branch", [],
                                [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [weight])
     node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)
-    # The body's shapes are unknown (as in Silero VAD's export): its layers cost nothing countable.
+    # The input's shape is unknown, so is the layer's in the branch: its cost is not countable.
     model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
                                 helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])

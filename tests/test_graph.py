@@ -143,7 +143,7 @@ def test_dynamic_batch_is_pinned(rng):
     assert only_layer(model, ["x:4x3x8x8"]).output_shape == (4, 4, 6, 6)
 
 
-def test_layers_in_if_branches_are_listed_with_reason(rng):
+def test_layers_in_if_branches_are_candidates_counted_once_per_branch(rng):
     weight = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
     branch = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["z"], name="inner")], "then",
                                [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])])
@@ -155,10 +155,15 @@ def test_layers_in_if_branches_are_listed_with_reason(rng):
                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
                         helper.make_tensor_value_info("v", TensorProto.FLOAT, None)], [weight])
-    layers = {layer.name: layer for layer in api.inspect(model).layers}
+    found = api.inspect(model)
+    layers = {layer.name: layer for layer in found.layers}
     assert layers["inner"].subgraph == "branching/then_branch"
-    assert "control-flow" in layers["inner"].skip_reason
-    assert layers["outer"].candidate
+    assert layers["inner"].candidate and layers["outer"].candidate
+    assert layers["inner"].macs == 2 * 4 * 3 and layers["inner"].runs == 1
+    assert "then_branch of If 'branching'" in layers["inner"].scope
+    # No --input-value decides the branch: the costlier one (the then_branch, the only one with a layer) counts.
+    assert found.totals["macs"] == 2 * (2 * 4 * 3)
+    assert "costlier branch" in found.counting
 
 
 def test_quantized_and_runtime_weights_are_skipped(rng):
@@ -189,3 +194,19 @@ def test_bundled_digits_model_totals():
     workspace = api.inspect("models/digits_cnn.onnx")
     expected_macs = 8 * 8 * 32 * 9 + 8 * 8 * 64 * 32 * 9 + 2 * 4 * 4 * 64 * 64 * 9 + 256 * 64 + 64 * 10
     assert workspace.totals == {"macs": expected_macs, "params": 109_770}
+
+
+def test_shape_inference_reads_a_copy_without_the_weights():
+    from onnx_lowrank.graph import INFERENCE_WEIGHT_BYTES, infer_shapes, without_weights
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")              # 8 KiB: left out
+    shape = numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "shape")         # kept: a value inference reads
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, shape])
+    light = without_weights(model)
+    assert [t.name for t in light.graph.initializer] == ["shape"] and "w" in {i.name for i in light.graph.input}
+    assert light.ByteSize() < INFERENCE_WEIGHT_BYTES < weight.ByteSize()
+    assert infer_shapes(model)["y"] == (3, 4, 8) and infer_shapes(model)["h"] == (3, 32)
+    assert len(model.graph.initializer) == 2                                          # the model is untouched

@@ -87,3 +87,26 @@ def test_statistics_that_cannot_fit_exit_2_naming_the_flag(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "calibration statistics" in err and "--max-memory" in err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_validation_of_512_inputs_runs_in_batches_and_bounds_what_a_metric_keeps(tmp_path, monkeypatch):
+    from onnx_lowrank import runtime
+
+    pool = np.concatenate([np.load("models/digits_train.npz")["input"], np.load("models/digits_test.npz")["input"]])
+    np.savez(tmp_path / "eval.npz", input=pool[:512])
+    sizes = []
+    original_run = runtime.Session.run
+
+    def counting_run(self, names, feed, what=None):
+        sizes.append(len(next(iter(feed.values()))))
+        return original_run(self, names, feed, what)
+
+    monkeypatch.setattr(runtime.Session, "run", counting_run)
+    settings = Settings(rank_ratio=0.5, eval=str(tmp_path / "eval.npz"), batch_size=64, latency=False,
+                        data_aware=False, metric="top1")
+    result = api.compress("models/digits_cnn.onnx", None, settings)
+    assert (result.validation.inputs, result.validation.batches) == (512, 8)
+    assert max(sizes) == 64
+    # The outputs a metric keeps count against --max-memory: 512 x 10 logits x 2 models fit 4 MB, not 16 KB.
+    with pytest.raises(InputError, match="the task metric keeps every output"):
+        api.compress("models/digits_cnn.onnx", None, Settings(**{**settings.__dict__, "max_memory": "40K"}))

@@ -18,10 +18,12 @@ Sections:
   `--rank-multiple 8`;
 * convtranspose -- the two ConvTranspose layers of the PP-OCRv4 detector alone (`--layers`);
 * keep-structure -- the digits CNN, tucker2 rewritten versus `--keep-structure`;
-* versatile -- the digits CNN, versatile / versatile-channel versus tucker2 at equal MACs.
+* versatile -- the digits CNN, versatile / versatile-channel versus tucker2 at equal MACs;
+* vad-exports -- tucker2 at 0.7 of the MACs on the three Silero VAD exports, two of them with
+  every layer inside the branches of an If (`--input-value sr:16000`).
 
 Usage:
-    python tools/bench_structures.py [--sections conv3d,vad,convtranspose,keep-structure,versatile]
+    python tools/bench_structures.py [--sections conv3d,vad,convtranspose,keep-structure,versatile,vad-exports]
         [--out docs/bench_structures.md]
 
 The CLI runs whatever `onnx_lowrank` the `onnx-lowrank` script imports (the editable working
@@ -48,10 +50,10 @@ from collections.abc import Callable
 import numpy as np
 from benchlib import REPO, markdown, provenance, scoring
 from benchlib import datasets as ds
-from benchlib.inference import run_model
+from benchlib.inference import run_model, session
 from fetch_models import fetch
 
-SECTIONS = ("conv3d", "vad", "convtranspose", "keep-structure", "versatile")
+SECTIONS = ("conv3d", "vad", "convtranspose", "keep-structure", "versatile", "vad-exports")
 COMMON = ("--threads", "1", "--batch-size", "1", "--json")
 
 
@@ -554,8 +556,71 @@ def versatile_notes(rows: list[Row]) -> list[str | None]:
     ]
 
 
+#: The three Silero VAD exports: the model's inputs beside the audio, as flags, and how it is run on a sequence.
+VAD_EXPORTS = {
+    "silero-vad": ("--input-value sr:16000 --input-value state:0", "stateful"),
+    "silero-vad-op18-ifless": ("--input-value sr:16000 --input-value state:0", "stateful"),
+    "silero-vad-16k-sequence": ("", "sequence"),
+}
+VAD_EXPORT_FLAGS = "--method tucker2 --target-macs 0.7"
+
+
+def vad_sequences(path: pathlib.Path, seqs: np.ndarray, kind: str) -> dict[str, np.ndarray]:
+    """`speech_probs` [signals, windows] of a Silero export over `seqs` [signals, windows, 576]: the
+    sequence export in one call per signal; the stateful exports window by window at 16 kHz, the
+    state carried from each window to the next from zero, as silero-vad's own wrapper runs them."""
+    if kind == "sequence":
+        zeros = ds.vad_state(1)
+        return run_model(path, [{"input": s, "h": zeros, "c": zeros} for s in seqs], 1,
+                         outputs=["speech_probs"], stack=True)
+    runner = session(path, 1)
+    probs = np.zeros(seqs.shape[:2], np.float32)
+    for i, signal in enumerate(seqs):
+        state = np.zeros((2, 1, 128), np.float32)
+        for k, window in enumerate(signal):
+            out, state = runner.run(["output", "stateN"], {"input": window[None], "state": state,
+                                                           "sr": np.array(16000, np.int64)})
+            probs[i, k] = out.reshape(-1)[0]
+    return {"speech_probs": probs}
+
+
+def vad_exports(work: pathlib.Path) -> list[str]:
+    """tucker2 at 0.7 of the MACs on each Silero export, two of them with every Conv inside an If."""
+    cal = ds.vad_windows(32, 1, seed=31)[:, 0]        # [32, 576]
+    seqs = ds.vad_windows(32, 8, seed=32)              # [32, 8, 576]
+    np.savez(work / "vad_calib.npz", input=cal, h=ds.vad_state(len(cal)), c=ds.vad_state(len(cal)))
+    np.savez(work / "vad_eval.npz", input=seqs[:, 3], h=ds.vad_state(len(seqs)), c=ds.vad_state(len(seqs)))
+    data = ["--calib", str(work / "vad_calib.npz"), "--eval", str(work / "vad_eval.npz"), "--calib-count", "32",
+            "--input-shape", "input:1x576"]
+    rows = []
+    for name, (pins, kind) in VAD_EXPORTS.items():
+        model = fetch(name)
+        row = compress(model, work / f"{name}.onnx", f"{VAD_EXPORT_FLAGS} {pins}".strip(), data)
+        row.extra["model"] = name
+        if row.ok:
+            row.extra.update(scoring.vad(vad_sequences(model, seqs, kind), vad_sequences(row.out, seqs, kind)))
+        rows.append(row)
+    columns = [("model", lambda r: r.extra["model"])] + STANDARD + [
+        ("per-sequence cosine mean (min)", lambda r: f"{r.extra['cosine']:.4f} ({r.extra['cosine_min']:.4f})"),
+        ("max abs dp", lambda r: fmt(r.extra["max_dp"], ".3f")),
+        ("speech decision agree", lambda r: f"{r.extra['decision']:.2%}"),
+    ] + SPEED + LAYERS
+    return ["## Control flow: the three Silero VAD exports", "",
+            "silero-vad (opset 16) and silero-vad-op18-ifless hold all their Conv1d layers inside the two branches "
+            "of a top-level If on the sample rate `sr` (16 kHz / 8 kHz; the first with its weights as Constants "
+            "local to each branch, the second reading top-level initializers, with the LSTM cell as two Gemm "
+            "per branch); silero-vad-16k-sequence has no control flow. `--input-value sr:16000` decides the "
+            "branch the totals count and calibration runs, `--input-value state:0` gives the zero LSTM state "
+            "[2, 1, 128] (whose batch axis is 1, so an .npz cannot hold it). Same audio as the Conv1d section: "
+            "calibration 32 single windows of 576 samples (512 new + 64 of context, as the exports take them; "
+            "seed 31), `--eval` window 3 of 32 held-out signals; computed here: the 32 signals as 8 windows "
+            "each, the stateful exports run window by window with their state carried from zero.",
+            "", *command_block(rows[0], "the MACs and the decisions count the branch taken for sr=16000"),
+            *table(rows, columns), ""]
+
+
 BUILDERS = {"conv3d": conv3d, "vad": vad, "convtranspose": convtranspose, "keep-structure": keep_structure,
-            "versatile": versatile}
+            "versatile": versatile, "vad-exports": vad_exports}
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ class Workspace:
     curves: dict[str, tuple] = dataclasses.field(default_factory=dict)
     folds: FoldCounts = dataclasses.field(default_factory=FoldCounts)
     validation: object | None = None
+    counting: str | None = None
+    views: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def pinned(self) -> dict[str, tuple[int, ...]]:
@@ -160,11 +162,30 @@ class Workspace:
         return parse_input_shapes(self.settings.input_shape)
 
     @functools.cached_property
+    def values(self) -> dict:
+        """The input values pinned by `--input-value` (`pins`)."""
+        from onnx_lowrank.inputs import input_specs
+        from onnx_lowrank.pins import parse_input_values
+
+        return parse_input_values(self.settings.input_value, input_specs(self.original))
+
+    @functools.cached_property
     def memory(self):
         """The run's memory budget (`--max-memory`)."""
         from onnx_lowrank.memory import MemoryBudget
 
         return MemoryBudget.from_setting(self.settings.max_memory)
+
+    def view(self, feeds: list[dict]):
+        """The canonical model with the If branches `feeds` take inlined (`branches.view_of`), once
+        per list of feeds: calibration, output gains and the guard walk the layers of those
+        branches as main-graph layers."""
+        from onnx_lowrank.branches import view_of
+
+        key = (id(self.canonical), id(feeds))
+        if key not in self.views:
+            self.views[key] = view_of(self.canonical, feeds)
+        return self.views[key]
 
     @property
     def candidates(self) -> list[LayerDecision]:

@@ -54,6 +54,9 @@ class BudgetPass(Pass):
         self.judge = judge
 
     def run(self, workspace, progress):
+        for decision in workspace.candidates:
+            if decision.layer.runs == 0:
+                decision.reason = f"kept dense by the budget: in {decision.layer.scope}"
         candidates = workspace.candidates
         options = [self._options(d.layer, workspace, 1.0 if d.output_gain is None else d.output_gain)
                    for d in progress(candidates, len(candidates), "error curves")]
@@ -67,10 +70,10 @@ class BudgetPass(Pass):
         fixed = total - sum(o.dense_cost for o in options)
         flag = f"--target-{self.measure}"
         if total <= 0:
-            where = sum(1 for d in workspace.decisions.values() if d.layer.subgraph is not None)
-            raise InputError(f"{flag} {self.target:g}: no {MEASURE_NAMES[self.measure]} to budget: the model's "
-                             f"layers cost none outside control flow ({where} layers inside If/Loop/Scan "
-                             "bodies, which are not compressed)")
+            unknown = sum(1 for d in workspace.decisions.values() if d.layer.macs is None)
+            raise InputError(f"{flag} {self.target:g}: no {MEASURE_NAMES[self.measure]} to budget: no layer's cost "
+                             f"is known ({unknown} layers of unknown shape: pin the input shapes with --input-shape "
+                             "NAME:DIMS)")
         allocation = alloc.allocate(options, self.target * total - fixed)
         timed = (" and only chains measured faster than their layers (--latency-aware)"
                  if self.judge is not None and self.measure != "latency" else "")
@@ -100,7 +103,8 @@ class BudgetPass(Pass):
         """The layer's options of every method on the rank grid: cost below the dense layer's,
         error `gain ·` the method's error curve (data spectra when measured, else the weight's).
         The spectra used are recorded in `workspace.curves` for the report's plots."""
-        dense = layer.params if self.measure == "params" else layer.macs
+        runs = 1 if self.measure == "params" else layer.runs   # the totals count a layer in a Loop per iteration
+        dense = layer.params if self.measure == "params" else layer.macs * runs
         measured = workspace.spectra.get(layer.name, {})
         found: dict[tuple, alloc.Option] = {}
         for name in self.method_names:
@@ -111,7 +115,7 @@ class BudgetPass(Pass):
             workspace.curves.setdefault(layer.name, {})[method.name] = spectra[0]
             for rank_tuple, error in method.error_curve(layer, spectra, self.multiple):
                 macs, params = method.costs(layer, rank_tuple)
-                cost = params if self.measure == "params" else macs
+                cost = params if self.measure == "params" else macs * runs
                 if cost < dense:
                     found.setdefault((method.name, rank_tuple), alloc.Option(cost, gain * error, (method.name, rank_tuple)))
         return alloc.LayerOptions(layer.name, dense, list(found.values()))

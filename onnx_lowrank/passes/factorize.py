@@ -5,13 +5,14 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable, Iterator
 
-from onnx_lowrank import calibrate
+from onnx_lowrank import calibrate, iterations
 from onnx_lowrank.activation_fit import sample_rows
 from onnx_lowrank.fitting import Plan, fit_layer
 from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.nonlinearity import activations_after
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
 from onnx_lowrank.passes.judge import LatencyJudge
+from onnx_lowrank.rewrite.chain import chain_costs
 
 __all__ = ["FactorizePass"]
 
@@ -65,6 +66,7 @@ class FactorizePass(Pass):
                 plans = workers.map(fit_layer, [(d.layer, self._method(d), d.ranks, self.policy) for d in todo])
                 for decision, plan in zip(todo, progress(plans, len(todo), f"factorizing ({self.method})"), strict=True):
                     self._decide(decision, plan)
+        _share_factors(workspace.rewritten)
         if self.judge is not None:
             for decision in progress(list(workspace.rewritten), len(workspace.rewritten), "timing layers"):
                 self.judge(decision)
@@ -76,13 +78,22 @@ class FactorizePass(Pass):
         return self.methods.serving(decision.method or self.method, decision.layer)
 
     def _fit_to_data(self, workspace, todo: list[LayerDecision], workers: _Workers, progress) -> None:
-        """One walk over the calibration inputs; each main-graph candidate fitted at its visit.
+        """One walk over the calibration inputs; each candidate they reach fitted at its visit.
+
+        The walk runs on the view of the canonical model with the If branches the calibration
+        inputs take inlined (`Workspace.view`), so the layers of those branches are fitted like
+        main-graph ones. A layer in a Loop or Scan body is fitted to its inputs in every iteration
+        of the ORIGINAL model (`iterations`: not sequential); a layer no calibration input runs
+        (another branch) is fitted to its weights. Both say so. Activation-aware fitting takes
+        main-graph layers only (`nonlinearity.activations_after`): the layers of bodies, inlined
+        If branches included, get the linear fit.
 
         In sequential mode the visit must return the layer's chain (the walk carries the
         compressed world through it), so the fit waits for its job; in independent mode the jobs
         run while the walk goes on and are collected after it.
         """
-        by_name = {d.layer.name: d for d in todo if d.layer.subgraph is None}
+        view = workspace.view(workspace.calibration)
+        by_name = {d.layer.name: d for d in todo if view.holds(d.layer.subgraph)}
         activations = (activations_after(workspace.canonical, [d.layer for d in todo]) if self.activation_aware
                        else {})
         pending: list[tuple[LayerDecision, concurrent.futures.Future]] = []
@@ -105,12 +116,24 @@ class FactorizePass(Pass):
             self._decide(decision, job.result())
             return decision.chain if decision.status == "rewritten" else None
 
-        layers = [d.layer for d in workspace.decisions.values() if d.layer.subgraph is None
+        layers = [d.layer for d in workspace.decisions.values() if view.holds(d.layer.subgraph)
                   and d.layer.weight is not None]
-        calibrate.walk_layers(workspace.canonical, layers, workspace.calibration, visit, sequential=self.sequential,
+        calibrate.walk_layers(view.model, layers, workspace.calibration, visit, sequential=self.sequential,
                               provider="cpu", progress=progress, activation_limit=workspace.memory.activations)
         for decision, job in pending:
             self._decide(decision, job.result())
+        unreached = [d for d in todo if d.layer.name not in by_name]
+        inputs = iterations.gather(view, workspace.canonical, [d.layer for d in unreached], workspace.calibration)
+        for decision in unreached:
+            layer, method, xs = decision.layer, self._method(decision), inputs.get(decision.layer.name)
+            moments = calibrate.layer_moments(layer, xs, None, workspace.memory) if xs and method.uses_data(layer) \
+                else None
+            self._decide(decision, fit_layer(layer, method, decision.ranks, self.policy, moments, self.refit,
+                                             self.bias_correction))
+            if decision.status == "rewritten":
+                decision.reason = (f"fitted to its inputs in every iteration of {layer.scope}, from the original "
+                                   "model" if xs else f"fitted to its weights only: no calibration input runs "
+                                   f"{layer.scope}")
 
     def _decide(self, decision: LayerDecision, plan: Plan) -> None:
         layer = decision.layer
@@ -127,6 +150,28 @@ class FactorizePass(Pass):
                                f"not fewer than the original {layer.macs:,}")
             return
         decision.status = "rewritten"
+
+
+def _share_factors(rewritten: list[LayerDecision]) -> None:
+    """Layers in different bodies that read one weight (the branches of an If) take one chain:
+    that of the first fitted to data where one was (its decision has no note), else the first's.
+    The rewrite then places the factors once, where the weight was (`rewrite.scoped`)."""
+    groups: dict[tuple, list[LayerDecision]] = {}
+    for decision in rewritten:
+        layer = decision.layer
+        if layer.subgraph is not None:
+            key = (layer.weight_name, layer.bias_name, layer.op, layer.conv, layer.gemm, layer.weight_side)
+            groups.setdefault(key, []).append(decision)
+    for group in groups.values():
+        if len({d.layer.subgraph for d in group}) < len(group):
+            continue
+        leader = min(group, key=lambda d: d.reason is not None)
+        for decision in group:
+            if decision is not leader:
+                decision.method, decision.ranks, decision.chain = leader.method, leader.ranks, leader.chain
+                decision.macs_after, decision.params_after = chain_costs(leader.chain, decision.layer)
+                decision.weight_rel_error = leader.weight_rel_error
+                decision.reason = f"shares the factors of '{leader.layer.name}' (one weight)"
 
 
 class _Done:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from onnx_lowrank.graph import LAYER_OPS, find_layers, infer_shapes, model_totals
+from onnx_lowrank.counting import discover
+from onnx_lowrank.graph import LAYER_OPS, model_totals
 from onnx_lowrank.passes.base import Pass, PassResult
 
 __all__ = ["CountPass", "ValidatePass"]
@@ -19,8 +20,8 @@ class CountPass(Pass):
     def run(self, workspace, progress):
         model = workspace.model
         need = {t for n in model.graph.node if n.op_type in LAYER_OPS for t in (*n.input[:2], n.output[0])}
-        shapes = infer_shapes(model, workspace.pinned, need=need, seed=workspace.settings.seed)
-        workspace.totals_after = model_totals(find_layers(model, shapes))
+        found = discover(model, workspace.pinned, workspace.values, need, workspace.settings.seed)
+        workspace.totals_after = model_totals(found.layers)
         return PassResult(False, "MACs {macs:,}, params {params:,}".format(**workspace.totals_after))
 
 
@@ -42,7 +43,8 @@ class ValidatePass(Pass):
 
         feeds = workspace.eval_feeds
         result = compare.compare_models(workspace.original, workspace.model, feeds, provider=self.provider,
-                                        metric=self.metric, threads=self.threads, candidate_produced=True)
+                                        metric=self.metric, threads=self.threads, candidate_produced=True,
+                                        memory_limit=workspace.memory.statistics)
         if self.latency:
             timing = timed.compare_latency(workspace.original, workspace.model, feeds[0], provider=self.provider,
                                            threads=self.threads, candidate_produced=True)

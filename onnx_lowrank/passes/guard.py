@@ -25,18 +25,23 @@ def layer_output_errors(workspace: Workspace, feeds: Sequence[dict], provider: s
     """
     from onnx_lowrank import runtime
 
-    graph = gs.import_onnx(workspace.canonical)
+    view = workspace.view(feeds)
+    graph = gs.import_onnx(view.model)
     nodes = {node.name: node for node in graph.nodes}
     pairs = {}
     for decision in workspace.rewritten:
+        if not view.holds(decision.layer.subgraph):
+            continue   # no input runs it: no own error to measure
         node = nodes[decision.layer.name]
         built = apply_chain(graph, node, decision.layer, decision.chain, replace=False)
         pairs[decision.layer.name] = (node.outputs[0], built[-1].outputs[0])
         for tensor in pairs[decision.layer.name]:
             tensor.dtype = tensor.dtype or decision.layer.weight.dtype
+    if not pairs:
+        return {}
     graph.outputs = [tensor for pair in pairs.values() for tensor in pair]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    probe = with_model_fields(workspace.canonical, gs.export_onnx(graph, do_type_check=False),
+    probe = with_model_fields(view.model, gs.export_onnx(graph, do_type_check=False),
                                workspace.settings)
     session = runtime.make_session(probe, provider, threads, produced=True, label="the layer-error probe")
     residual = dict.fromkeys(pairs, 0.0)
@@ -80,11 +85,11 @@ class GuardPass(Pass):
             return PassResult(False, "nothing to guard")
         errors = layer_output_errors(workspace, workspace.guard_feeds, self.provider, self.threads)
         for decision in workspace.rewritten:
-            decision.output_rel_error = errors[decision.layer.name]
+            decision.output_rel_error = errors.get(decision.layer.name)
         rolled = 0
         if self.max_error is not None:
             for decision in workspace.rewritten:
-                if decision.output_rel_error > self.max_error:
+                if decision.output_rel_error is not None and decision.output_rel_error > self.max_error:
                     decision.roll_back(f"its output error {decision.output_rel_error:.3g} is over "
                                        f"--max-error {self.max_error:g}")
                     rolled += 1
@@ -100,7 +105,7 @@ class GuardPass(Pass):
     def _hold_end_to_end(self, workspace: Workspace) -> tuple[int, str]:
         """Roll back the fewest worst layers for the end-to-end bound; also what the kept model
         measures on the guard's inputs (the metric with its 95 % interval)."""
-        worst_first = sorted(workspace.rewritten, key=lambda d: -d.output_rel_error)
+        worst_first = sorted(workspace.rewritten, key=lambda d: -(d.output_rel_error or 0.0))
         holds, measured = self._holds(workspace, 0, worst_first)
         if holds:
             return 0, measured
@@ -129,7 +134,7 @@ class GuardPass(Pass):
         trial = dataclasses.replace(workspace, decisions={d.layer.name: d for d in kept})
         result = compare.compare_models(workspace.original, rewritten_model(trial), workspace.guard_feeds,
                                         provider=self.provider, metric=self.metric, threads=self.threads,
-                                        candidate_produced=True)
+                                        candidate_produced=True, memory_limit=workspace.memory.statistics)
         cosine = min((o.cosine for o in result.outputs), default=1.0)
         measured = f"worst output cosine {cosine:.6f}"
         if self.min_metric is not None:

@@ -10,8 +10,10 @@ from onnx_lowrank import inputs
 from onnx_lowrank.augment import augmented
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.fold import fold_elementwise
-from onnx_lowrank.graph import LAYER_OPS, canonicalize, find_layers, infer_shapes, model_totals
+from onnx_lowrank.counting import discover
+from onnx_lowrank.graph import LAYER_OPS, canonicalize, model_totals
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
+from onnx_lowrank.pins import with_values, without_pinned
 
 __all__ = ["CanonicalizePass", "FindLayersPass", "FoldPass", "LoadInputsPass", "SelectLayersPass"]
 
@@ -39,7 +41,8 @@ class LoadInputsPass(Pass):
 
         def feeds(path: str | None, count: int | None) -> list[dict]:
             if (path, count) not in loaded:
-                loaded[path, count] = _load(workspace.original, settings, workspace.pinned, path, count)
+                loaded[path, count] = _load(workspace.original, settings, workspace.pinned, workspace.values, path,
+                                            count)
             return loaded[path, count]
 
         calib_count = settings.calib_count or (CALIB_CAP if settings.calib is not None else None)
@@ -58,15 +61,19 @@ def _samples(feeds: list[dict]) -> int:
     return sum(next((len(v) for v in feed.values() if np.ndim(v) >= 1), 1) for feed in feeds)
 
 
-def _load(model, settings, pinned, path: str | None, count: int | None) -> list[dict]:
+def _load(model, settings, pinned, values, path: str | None, count: int | None) -> list[dict]:
     """At most `count` samples from the inputs at `path` (`inputs.load_calibration`), else
-    `count` (default `inputs.RANDOM_COUNT`) random inputs with the settings' seed."""
+    `count` (default `inputs.RANDOM_COUNT`) random inputs with the settings' seed; the inputs
+    pinned by --input-value take their values (`pins.with_values`)."""
     specs = inputs.input_specs(model)
+    free = without_pinned(specs, values)
     if path is not None:
-        return inputs.load_calibration(path, specs, shapes=pinned, count=count,
-                                       batch_size=settings.batch_size, image_options=settings.image_options())
-    shapes = inputs.resolve_shapes(specs, pinned)
-    return inputs.random_feeds(specs, shapes, count=count or inputs.RANDOM_COUNT, seed=settings.seed)
+        feeds = inputs.load_calibration(path, free, shapes=pinned, count=count,
+                                        batch_size=settings.batch_size, image_options=settings.image_options())
+    else:
+        shapes = inputs.resolve_shapes(free, pinned)
+        feeds = inputs.random_feeds(free, shapes, count=count or inputs.RANDOM_COUNT, seed=settings.seed)
+    return with_values(feeds, values, specs)
 
 
 class CanonicalizePass(Pass):
@@ -96,7 +103,8 @@ class FoldPass(Pass):
 
 
 class FindLayersPass(Pass):
-    """Infer shapes (pinned by --input-shape) and list every layer with its cost."""
+    """Infer shapes (pinned by --input-shape, values by --input-value) and list every layer with
+    its cost, in every control-flow body (`counting.discover`)."""
 
     name = "find layers"
     requires = ("canonical",)
@@ -106,8 +114,8 @@ class FindLayersPass(Pass):
         model = workspace.canonical
         need = {t for n in model.graph.node if n.op_type in LAYER_OPS
                 for t in (*n.input[:1], *n.input[1:2], n.output[0])}
-        workspace.shapes = infer_shapes(model, workspace.pinned, need=need, seed=workspace.settings.seed)
-        workspace.layers = find_layers(model, workspace.shapes)
+        found = discover(model, workspace.pinned, workspace.values, need, workspace.settings.seed)
+        workspace.shapes, workspace.layers, workspace.counting = found.shapes, found.layers, found.counting
         workspace.totals_before = model_totals(workspace.layers)
         workspace.decisions = {layer.name: LayerDecision(layer, reason=layer.skip_reason)
                                for layer in workspace.layers}

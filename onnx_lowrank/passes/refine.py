@@ -13,6 +13,11 @@ compressed block (its layers replaced by their chains) is run in numpy from the 
 world's input and refined to match the ORIGINAL block's output; the refined chains then carry
 the compressed world on. A block holding a node without a numpy gradient (`refine.ops`) is
 passed through unrefined, with its reason logged.
+
+The walk runs on the calibration view (`Workspace.view`: the If branches the calibration inputs
+take inlined), as the sequential fit does, and liveness counts the outer-scope names read inside
+bodies. Only main-graph layers are refined: the layers of bodies, inlined branches included,
+keep their closed-form fit, and a block holding a Loop, Scan or undecided If is passed through.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lowrank.activations import ActivationBudget
-from onnx_lowrank.calibrate import _dtypes, _inputs, _run, _Segments
+from onnx_lowrank.calibrate import _dtypes, _inputs, _referenced, _run, _Segments
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
 from onnx_lowrank.refine.block import Block
 from onnx_lowrank.refine.optimize import RefineOptions, refine_block
@@ -50,14 +55,15 @@ def constant_tensors(model: onnx.ModelProto) -> set[str]:
 
 def single_tensor_cuts(model: onnx.ModelProto) -> list[int]:
     """Positions p (cut before node p) where exactly one tensor computed from the graph inputs (or
-    a graph input) is alive; tensors computed from constants alone do not count (`constant_tensors`)."""
+    a graph input) is alive; tensors computed from constants alone do not count (`constant_tensors`).
+    A node reads the outer-scope names its bodies read too."""
     nodes = model.graph.node
     constants = constant_tensors(model)
     last_use: dict[str, int] = {name: len(nodes) for name in (o.name for o in model.graph.output)}
     first: dict[str, int] = {i.name: 0 for i in model.graph.input if i.name not in constants}
     for position, node in enumerate(nodes):
-        for name in node.input:
-            if name and name not in constants:
+        for name in _referenced(node):
+            if name not in constants:
                 last_use[name] = max(last_use.get(name, position), position)
         for name in node.output:
             if name not in constants:
@@ -110,7 +116,7 @@ class RefinePass(Pass):
                      if d.layer.subgraph is None and isinstance(d.chain, Chain)}
         if not decisions:
             return PassResult(False, "no chain to refine")
-        model = workspace.canonical
+        model = workspace.view(workspace.calibration).model
         constants = constant_tensors(model)
         segments = _Segments(model)
         positions = {node.name: p for p, node in enumerate(segments.nodes)}

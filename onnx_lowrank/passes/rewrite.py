@@ -15,6 +15,8 @@ from onnx_lowrank.fitting import chain_kernel
 from onnx_lowrank.graph import iter_graphs
 from onnx_lowrank.passes.base import Pass, PassResult, Workspace
 from onnx_lowrank.rewrite.chain import apply_chain
+from onnx_lowrank.rewrite.scoped import prune_initializers, rewrite_in_scopes
+from onnx_lowrank.scopes import has_control_flow
 
 __all__ = ["RewritePass", "projected_model", "rewritten_model", "with_model_fields"]
 
@@ -51,32 +53,33 @@ def projected_model(workspace: Workspace) -> onnx.ModelProto:
     """
     model = onnx.ModelProto()
     model.CopyFrom(workspace.canonical)
-    nodes = {node.name: node for node in model.graph.node}
+    nodes = {node.name: (node, graph) for graph, _ in iter_graphs(model.graph) for node in graph.node}
     for decision in workspace.rewritten:
-        layer, node = decision.layer, nodes[decision.layer.name]
+        layer, (node, graph) = decision.layer, nodes[decision.layer.name]
         kernel = chain_kernel(layer, decision.chain).astype(layer.weight.dtype)
         weight_name = f"{layer.name}/lowrank/projected_weight"
-        model.graph.initializer.append(numpy_helper.from_array(kernel, weight_name))
+        graph.initializer.append(numpy_helper.from_array(kernel, weight_name))
         position = list(node.input).index(layer.weight_name)
         node.input[position] = weight_name
         if decision.chain.bias is not None:
             bias_name = f"{layer.name}/lowrank/projected_bias"
-            model.graph.initializer.append(
+            graph.initializer.append(
                 numpy_helper.from_array(decision.chain.bias.astype(layer.weight.dtype), bias_name))
             if len(node.input) > 2:
                 node.input[2] = bias_name
             else:
                 node.input.append(bias_name)
         decision.macs_after, decision.params_after = layer.macs, layer.params
-    used = {name for graph, _ in iter_graphs(model.graph) for n in graph.node for name in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    prune_initializers(model.graph)
     return with_model_fields(workspace.canonical, model, workspace.settings)
 
 
 def rewritten_model(workspace: Workspace) -> onnx.ModelProto:
-    """The canonical model with every layer whose decision is "rewritten" replaced by its chain."""
+    """The canonical model with every layer whose decision is "rewritten" replaced by its chain
+    (in whatever body holds it: `rewrite.scoped`, for models with control flow)."""
+    if has_control_flow(workspace.canonical):
+        rewritten = rewrite_in_scopes(workspace.canonical, workspace.rewritten)
+        return with_model_fields(workspace.canonical, rewritten, workspace.settings)
     graph = gs.import_onnx(workspace.canonical)
     nodes = {node.name: node for node in graph.nodes}
     docs = {}
@@ -103,9 +106,21 @@ def _passes_checker(model: onnx.ModelProto) -> bool:
 
 def with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,
                        settings: Settings) -> onnx.ModelProto:
-    """The rewritten graph with the source's opsets, IR version, producer and metadata, plus provenance."""
+    """The rewritten graph with the source's opsets, IR version, producer and metadata, plus provenance.
+
+    Every field but the graph is copied from `source` field by field: a whole copy of it would
+    copy its weights only to replace them (a transient copy of the model's size).
+    """
     out = onnx.ModelProto()
-    out.CopyFrom(source)
+    for field, value in source.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):          # a repeated field
+            getattr(out, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):      # a message
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
     out.graph.CopyFrom(rewritten.graph)
     provenance = {"onnx_lowrank.version": __version__,
                   "onnx_lowrank.settings": json.dumps(settings.provenance(), sort_keys=True)}

@@ -39,7 +39,8 @@ class DataSpectraPass(Pass):
         self.method_names = tuple(method_names)
 
     def run(self, workspace, progress):
-        todo = {d.layer.name: d.layer for d in workspace.candidates if d.layer.subgraph is None}
+        view = workspace.view(workspace.calibration)
+        todo = {d.layer.name: d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)}
 
         def visit(layer, xs, xts):
             serving = [self.methods.serving(name, layer) for name in self.method_names]
@@ -50,7 +51,7 @@ class DataSpectraPass(Pass):
                     m.name: m.spectra(layer, moments if moments.dense or m.sample_space else None) for m in serving}
             return None
 
-        calibrate.walk_layers(workspace.canonical, list(todo.values()), workspace.calibration, visit,
+        calibrate.walk_layers(view.model, list(todo.values()), workspace.calibration, visit,
                               sequential=False, progress=progress, activation_limit=workspace.memory.activations)
         return PassResult(False, f"output-error spectra of {len(workspace.spectra)} layers")
 
@@ -69,14 +70,17 @@ class OutputGainsPass(Pass):
     provides = ("gains",)
 
     def run(self, workspace, progress):
-        todo = [d.layer for d in workspace.candidates if d.layer.subgraph is None]
-        measured = set(calibrate.measured_outputs(workspace.canonical))
+        view = workspace.view(workspace.calibration)
+        model = view.model
+        todo = [d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)]
+        measured = set(calibrate.measured_outputs(model))
         shapes = workspace.shapes
         if not measured <= shapes.keys():   # e.g. logits behind a Reshape that inference cannot follow
-            shapes = infer_shapes(workspace.canonical, workspace.pinned, need=measured, seed=workspace.settings.seed)
-        freedom = calibrate.output_freedom(workspace.canonical, shapes)
+            shapes = infer_shapes(model, workspace.pinned, need=measured, seed=workspace.settings.seed,
+                                  values=workspace.values)
+        freedom = calibrate.output_freedom(model, shapes)
         feeds, samples = _first_samples(workspace.calibration, gain_samples(freedom))
-        gains = calibrate.output_gains(workspace.canonical, todo, feeds, progress=progress,
+        gains = calibrate.output_gains(model, todo, feeds, progress=progress,
                                        activation_limit=workspace.memory.activations)
         for name, gain in gains.items():
             workspace.decisions[name].output_gain = gain
