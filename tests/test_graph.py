@@ -210,3 +210,15 @@ def test_shape_inference_reads_a_copy_without_the_weights():
     assert light.ByteSize() < INFERENCE_WEIGHT_BYTES < weight.ByteSize()
     assert infer_shapes(model)["y"] == (3, 4, 8) and infer_shapes(model)["h"] == (3, 32)
     assert len(model.graph.initializer) == 2                                          # the model is untouched
+
+
+def test_shapes_inference_leaves_open_are_read_off_a_run_with_the_weights():
+    from onnx_lowrank.graph import infer_shapes
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")              # left out of inference
+    k = numpy_helper.from_array(np.array([-5], np.int64), "k")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Abs", ["k"], ["top"]),
+             helper.make_node("TopK", ["h", "top"], ["v", "i"])]                        # v: [3, |k|], a value
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                       [helper.make_tensor_value_info("v", TensorProto.FLOAT, None)], [weight, k])
+    assert infer_shapes(model, need={"v"})["v"] == (3, 5)
