@@ -30,7 +30,7 @@ from onnx_lowrank.memory import ACTIVATION_CAP, MemoryBudget
 from onnx_lowrank.rewrite.chain import Chain, apply_chain
 from onnx_lowrank.runtime import make_session, runtime_max_ir_version
 
-__all__ = ["layer_moments", "layer_vectors", "measured_outputs", "output_freedom", "output_gains", "vector_count",
+__all__ = ["layer_moments", "layer_samples", "layer_vectors", "measured_outputs", "output_freedom", "output_gains", "vector_count",
            "walk_layers"]
 
 log = logging.getLogger(__name__)
@@ -421,12 +421,34 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
     """
     vectors = vector_count(layer, xs[0]) * len(xs)
     if rows is None:
-        rows = min(MOMENT_SAMPLE_ROWS, max(MOMENT_MIN_ROWS, MOMENT_WORK // _vector_shape(layer)[1] ** 2))
+        rows = min(MOMENT_SAMPLE_ROWS, max(MOMENT_MIN_ROWS, MOMENT_WORK // vector_shape(layer)[1] ** 2))
     capacity = statistics_form(layer, vectors, xts is not None, budget)
     accumulated = moments.Moments() if capacity is None else moments.SampleMoments(capacity)
     target = min(rows, vectors) if capacity is None else min(rows, capacity)
     keep = min(1.0, target / vectors) if capacity is None else min(1.0, 0.95 * target / vectors)
-    rng = np.random.default_rng(zlib.crc32(layer.name.encode()))
+    for p, pt in _sampled_vectors(layer, xs, xts, keep, np.random.default_rng(zlib.crc32(layer.name.encode()))):
+        if capacity is not None:
+            p, pt = p[:, :accumulated.room], None if pt is None else pt[:, :accumulated.room]
+        accumulated.add(p, pt)
+    return accumulated
+
+
+def layer_samples(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray], rows: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """About `rows` of the layer's input vectors, a uniform random subset (seeded by the layer's
+    name, other draws than `layer_moments`'), in the original model and in the compressed one:
+    ``(p, p~)``, each ``[groups, n, D]`` float32. For fits that need the vectors themselves
+    (activation-aware fitting: a nonlinearity has no second-moment form)."""
+    keep = min(1.0, rows / max(vector_count(layer, xs[0]) * len(xs), 1))
+    rng = np.random.default_rng(zlib.crc32(layer.name.encode()) + 1)
+    pairs = list(_sampled_vectors(layer, xs, xts, keep, rng))
+    return tuple(np.concatenate([pair[i] for pair in pairs], axis=1).astype(np.float32) for i in (0, 1))
+
+
+def _sampled_vectors(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None, keep: float,
+                     rng: np.random.Generator):
+    """Chunks ``(p, p~)`` of the layer's input vectors over all batches, each kept with probability
+    `keep` (the same positions in both worlds; ``p~`` None without `xts`)."""
     for index, x in enumerate(xs):
         originals = layer_vectors(layer, x, MOMENT_ROWS)
         if xts is None:
@@ -435,11 +457,7 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
             chunks = zip(originals, layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True)
         for p, pt in chunks:
             chosen = rng.random(p.shape[1]) < keep if keep < 1.0 else slice(None)
-            p, pt = p[:, chosen], None if pt is None else pt[:, chosen]
-            if capacity is not None:
-                p, pt = p[:, :accumulated.room], None if pt is None else pt[:, :accumulated.room]
-            accumulated.add(p, pt)
-    return accumulated
+            yield p[:, chosen], None if pt is None else pt[:, chosen]
 
 
 def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudget | None) -> int | None:
@@ -453,7 +471,7 @@ def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudg
     """
     if budget is None:
         return None
-    groups, dim = _vector_shape(layer)
+    groups, dim = vector_shape(layer)
     matrices = groups * (3 if paired else 1) + 4
     dense = 8 * dim * dim * matrices
     if dense <= budget.statistics:
@@ -468,7 +486,7 @@ def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudg
     return fit
 
 
-def _vector_shape(layer: Layer) -> tuple[int, int]:
+def vector_shape(layer: Layer) -> tuple[int, int]:
     """(groups, D) of the vectors `layer_vectors` yields."""
     if layer.op == "Conv":
         return layer.conv.group, math.prod(layer.weight.shape[1:])

@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     fitting.add_argument("--no-output-weighting", dest="output_weighting", action="store_false", default=None,
                          help="budgets: weigh every layer's output error alike, not by its effect on the "
                               "model's outputs")
+    fitting.add_argument("--activation-aware", action="store_true", default=None,
+                         help="fit layers followed by ReLU, Clip, hard-swish, sigmoid-gated and similar units "
+                              "to their response after the activation (Zhang et al. 2016)")
+    fitting.add_argument("--refine-blocks", action="store_true", default=None,
+                         help="after the fit, refine the chains block by block (2-3 layers between "
+                              "single-tensor cuts) by gradient steps to the original blocks' outputs")
+    fitting.add_argument("--augment", type=int, metavar="N",
+                         help="follow each image calibration batch by N flipped, shifted, contrast-changed and "
+                              "noisy copies (label-free augmentation of the fit's inputs)")
     guard = compress.add_argument_group("error guard (roll back layers until the bound holds)")
     guard.add_argument("--max-error", type=float, help="largest relative output error of one layer")
     guard.add_argument("--min-cosine", type=float, help="smallest cosine of any model output with the original")

@@ -49,6 +49,9 @@ class Settings:
     refit: bool = True
     bias_correction: bool = True
     output_weighting: bool = True
+    activation_aware: bool = False
+    refine_blocks: bool = False
+    augment: int = 0
     calib_count: int | None = None
     eval_count: int | None = None
     batch_size: int | None = None

@@ -10,10 +10,12 @@ only the chain (its stages, groups and channel shuffles), so it serves every met
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from onnx_lowrank import factorize
+from onnx_lowrank.activation_fit import fit_through_activation
 from onnx_lowrank.factorize import refit as refits
 from onnx_lowrank.factorize.whiten import shrinkage
 from onnx_lowrank.factorize.base import NumericalError, relative_error
@@ -41,14 +43,17 @@ class Plan:
 
 
 def fit_layer(layer: Layer, method: Method, ranks: tuple[int, ...] | None = None, policy=None, stats=None,
-              refit: bool = True, bias_correction: bool = True) -> Plan:
+              refit: bool = True, bias_correction: bool = True, activation=None, samples=None) -> Plan:
     """Factorize `layer` with `method` (the one serving it: `MethodSet.serving`) and build its chain.
 
     Ranks: `ranks` when given, else those `policy` picks from the method's full ranks (and weight
     spectra when the policy reads them); unranked methods have none. With `stats` (the layer's
     input moments, dense `factorize.moments.Moments` or `SampleMoments`), the factorization minimises the layer's OUTPUT
     error on the calibration inputs, then (`refit`, `bias_correction`) the last stage is refit and
-    the bias shifted (`refit_chain`). A numerical failure (`factorize.NumericalError`, numpy's
+    the bias shifted (`refit_chain`). With an `activation` after the layer and `samples` of its
+    input vectors (``(p, p~)``, `calibrate.layer_samples`), the chain is then fitted to the
+    response after the activation (`activation_fit.fit_through_activation`, Zhang et al. 2016)
+    and kept when that fits held-out vectors better. A numerical failure (`factorize.NumericalError`, numpy's
     `LinAlgError`) skips the layer with its reason; any other exception is a bug and propagates.
     """
     reason = method.not_applicable(layer)
@@ -61,9 +66,11 @@ def fit_layer(layer: Layer, method: Method, ranks: tuple[int, ...] | None = None
     # A method whose data-aware fit needs dense moments fits the weight; the refit still uses the data.
     factor_stats = stats if stats is None or stats.dense or method.sample_space else None
     try:
-        chain = method.build(layer, ranks, factor_stats)
-        if stats is not None and (refit or bias_correction):
-            chain = refit_chain(layer, chain, stats, refit, bias_correction)
+        chain = _fitted(layer, method, ranks, factor_stats, stats, refit, bias_correction)
+        if activation is not None and samples is not None and isinstance(chain, Chain):
+            refitted = functools.partial(_refitted, method=method, ranks=ranks, refit=refit,
+                                         bias_correction=bias_correction)
+            chain = fit_through_activation(layer, chain, stats, *samples, activation, refitted, chain_kernel).chain
     except (NumericalError, np.linalg.LinAlgError) as exc:
         return Plan(method.name, ranks, skip_reason=f"{method.name} failed numerically: {exc}")
     if isinstance(chain, Chain):
@@ -71,6 +78,19 @@ def fit_layer(layer: Layer, method: Method, ranks: tuple[int, ...] | None = None
     macs, params = chain_costs(chain, layer)
     return Plan(method.name, chain.ranks, chain, macs, params,
                 relative_error(layer.weight.astype(np.float64), chain_kernel(layer, chain)))
+
+
+def _fitted(layer: Layer, method: Method, ranks, factor_stats, stats, refit: bool, bias_correction: bool):
+    """The method's chain, its last stage refit and bias shifted on `stats` when given."""
+    chain = method.build(layer, ranks, factor_stats)
+    if stats is not None and (refit or bias_correction):
+        chain = refit_chain(layer, chain, stats, refit, bias_correction)
+    return chain
+
+
+def _refitted(layer: Layer, moments, *, method: Method, ranks, refit: bool, bias_correction: bool):
+    """`_fitted` on dense `moments` (the activation-aware step's fit of its auxiliary target)."""
+    return _fitted(layer, method, ranks, moments, moments, refit, bias_correction)
 
 
 def refit_chain(layer: Layer, chain: Chain, moments, refit: bool, bias_correction: bool) -> Chain:

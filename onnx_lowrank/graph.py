@@ -301,8 +301,9 @@ def infer_shapes(model: onnx.ModelProto, pinned: Mapping[str, tuple[int, ...]] |
     """Concrete shapes of the model's tensors, by name.
 
     ONNX shape inference runs on a copy whose dynamic input dimensions are pinned (`pinned`, and
-    batch 1 by default). Tensors in `need` that inference leaves unresolved are read off one
-    onnxruntime run with random inputs (pinned `values` set: `pins`), which exposes them as
+    batch 1 by default) and whose large weights are typed inputs (`without_weights`). Tensors in
+    `need` that inference leaves unresolved are read off one onnxruntime run of the model itself,
+    weights included, with random inputs (pinned `values` set: `pins`), which exposes them as
     extra graph outputs.
     """
     from onnx_lowrank import inputs as model_inputs

@@ -346,3 +346,30 @@ def test_silero_vad_default_export_lists_its_branch_layers_as_candidates():
     assert len(convs) == 12 and sum(layer.candidate for layer in convs) == 10   # two 1x128 output convs: rank 1
     assert all(layer.macs for layer in convs if layer.candidate)
     assert found.totals["macs"] == sum(layer.macs for layer in convs if "then_branch" in layer.subgraph)
+
+
+def _main_conv_then_loop(seed=0):
+    """x -> Relu(Conv(x, w_main)) -> the Loop of `loop_model`: one main-graph layer before a body."""
+    model = loop_model(seed)
+    rng = np.random.default_rng(seed + 1)
+    graph = model.graph
+    graph.node[0].input[2] = "h"
+    graph.node.insert(0, helper.make_node("Relu", ["c_main"], ["h"], name="main_relu"))
+    graph.node.insert(0, helper.make_node("Conv", ["x", "w_main"], ["c_main"], name="main_conv", pads=[1] * 4))
+    graph.initializer.append(_tensor(rng, "w_main", (4, 4, 3, 3)))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_activation_aware_and_refine_take_main_graph_layers_and_leave_bodies_to_the_linear_fit(tmp_path, rng):
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 4, 8, 8)).astype(np.float32))
+    result = api.compress(_main_conv_then_loop(), tmp_path / "out.onnx", Settings(
+        method="svd", rank_ratio=0.5, calib=str(tmp_path / "calib.npz"), activation_aware=True,
+        refine_blocks=True, rank_multiple=1, latency=False))
+    decisions = {layer.name: layer for layer in result.layers}
+    assert decisions["main_conv"].status == "rewritten" and decisions["main_conv"].reason is None
+    assert decisions["loop_conv"].status == "rewritten"
+    assert "fitted to its inputs in every iteration" in decisions["loop_conv"].reason
+    refine = next(timing.result.summary for timing in result.timings if timing.name == "refine")
+    assert " of 1 blocks" in refine  # the main conv's block; the Loop body is left to the linear fit
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)

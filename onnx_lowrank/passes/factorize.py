@@ -6,8 +6,10 @@ import concurrent.futures
 from collections.abc import Callable, Iterator
 
 from onnx_lowrank import calibrate, iterations
+from onnx_lowrank.activation_fit import sample_rows
 from onnx_lowrank.fitting import Plan, fit_layer
 from onnx_lowrank.methods import MethodSet
+from onnx_lowrank.nonlinearity import activations_after
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
 from onnx_lowrank.passes.judge import LatencyJudge
 from onnx_lowrank.rewrite.chain import chain_costs
@@ -38,7 +40,7 @@ class FactorizePass(Pass):
 
     def __init__(self, methods: MethodSet, method: str, policy, data_aware: bool = False, sequential: bool = True,
                  refit: bool = True, bias_correction: bool = True, jobs: int = 1, judge: LatencyJudge | None = None,
-                 require_savings: bool = True):
+                 require_savings: bool = True, activation_aware: bool = False):
         self.methods = methods
         self.method = method
         self.policy = policy
@@ -51,6 +53,7 @@ class FactorizePass(Pass):
         self.jobs = jobs
         self.judge = judge
         self.require_savings = require_savings
+        self.activation_aware = activation_aware
 
     def run(self, workspace, progress):
         todo = workspace.candidates
@@ -81,7 +84,9 @@ class FactorizePass(Pass):
         inputs take inlined (`Workspace.view`), so the layers of those branches are fitted like
         main-graph ones. A layer in a Loop or Scan body is fitted to its inputs in every iteration
         of the ORIGINAL model (`iterations`: not sequential); a layer no calibration input runs
-        (another branch) is fitted to its weights. Both say so.
+        (another branch) is fitted to its weights. Both say so. Activation-aware fitting takes
+        main-graph layers only (`nonlinearity.activations_after`): the layers of bodies, inlined
+        If branches included, get the linear fit.
 
         In sequential mode the visit must return the layer's chain (the walk carries the
         compressed world through it), so the fit waits for its job; in independent mode the jobs
@@ -89,6 +94,8 @@ class FactorizePass(Pass):
         """
         view = workspace.view(workspace.calibration)
         by_name = {d.layer.name: d for d in todo if view.holds(d.layer.subgraph)}
+        activations = (activations_after(workspace.canonical, [d.layer for d in todo]) if self.activation_aware
+                       else {})
         pending: list[tuple[LayerDecision, concurrent.futures.Future]] = []
 
         def visit(layer, xs, xts):
@@ -98,8 +105,11 @@ class FactorizePass(Pass):
             method = self._method(decision)
             moments = (calibrate.layer_moments(layer, xs, xts if self.sequential else None, workspace.memory)
                        if method.uses_data(layer) else None)
+            activation = activations.get(layer.name) if moments is not None and moments.dense else None
+            samples = (calibrate.layer_samples(layer, xs, xts, sample_rows(layer, workspace.memory))
+                       if activation is not None else None)
             job = workers.submit(fit_layer, layer, method, decision.ranks, self.policy, moments, self.refit,
-                                 self.bias_correction)
+                                 self.bias_correction, activation, samples)
             if not self.sequential:
                 pending.append((decision, job))
                 return None

@@ -12,6 +12,7 @@ from onnx_lowrank.passes.factorize import FactorizePass
 from onnx_lowrank.passes.finish import CountPass, ValidatePass
 from onnx_lowrank.passes.guard import GuardPass
 from onnx_lowrank.passes.judge import LatencyJudge
+from onnx_lowrank.passes.refine import RefinePass
 from onnx_lowrank.passes.prepare import (
     CanonicalizePass, FindLayersPass, FoldPass, LoadInputsPass, SelectLayersPass,
 )
@@ -44,9 +45,9 @@ def default_pipeline(settings: Settings, shared: SharedStatistics | None = None)
 
     inputs -> canonicalize -> [fold] -> find layers -> select layers -> [data spectra, output
     gains: with a budget and calibration data] -> [allocate: with a budget] -> factorize ->
-    rewrite -> [guard: with a bound] -> count -> [validate].
-    `shared`: the store of inputs, data spectra and gains that runs over the same model share
-    (`passes.shared.SharedStatistics`); a private one by default.
+    [refine: --refine-blocks with calibration data] -> rewrite -> [guard: with a bound] -> count ->
+    [validate]. `shared`: the store of inputs, data spectra and gains that runs over the same model
+    share (`passes.shared.SharedStatistics`); a private one by default.
     """
     shared = shared if shared is not None else SharedStatistics()
     methods = MethodSet(settings)
@@ -75,7 +76,10 @@ def default_pipeline(settings: Settings, shared: SharedStatistics | None = None)
         passes.append(BudgetPass(methods, target, measure, names, settings.rank_multiple, judge))
     passes.append(FactorizePass(methods, settings.method, rank_policy(settings), data_aware=data_aware,
                                 sequential=settings.sequential, refit=settings.refit,
-                                bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge))
+                                bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge,
+                                activation_aware=settings.activation_aware))
+    if data_aware and settings.refine_blocks:
+        passes.append(RefinePass())
     passes.append(RewritePass())
     if settings.guarded:
         passes.append(GuardPass(provider, settings.threads, max_error=settings.max_error,

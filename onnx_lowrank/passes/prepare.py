@@ -7,6 +7,7 @@ import re
 import numpy as np
 
 from onnx_lowrank import inputs
+from onnx_lowrank.augment import augmented
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.fold import fold_elementwise
 from onnx_lowrank.counting import discover
@@ -26,7 +27,7 @@ class LoadInputsPass(Pass):
     """Load the feeds each later step reads, once each.
 
     Calibration (`--calib`, at most `--calib-count`, default `CALIB_CAP`) feeds the data-aware
-    fit; the guard checks its bounds on the calibration inputs too (`RANDOM_COUNT` random inputs
+    fit, followed by `--augment` transformed copies of its images (`augment.augmented`); the guard checks its bounds on the calibration inputs too (`RANDOM_COUNT` random inputs
     without them: `inputs.RANDOM_COUNT`, or --calib-count), never on the evaluation inputs; the validation scores `--eval` when given
     (all of it, or `--eval-count`: a held-out number), else the calibration inputs, else random
     inputs (`--seed`).
@@ -53,7 +54,7 @@ class LoadInputsPass(Pass):
             return loaded[path, count]
 
         if settings.calib is not None and settings.data_aware:
-            workspace.calibration = feeds(*calibration_source(settings))
+            workspace.calibration = augmented(feeds(*calibration_source(settings)), settings.augment, settings.seed)
         if settings.guarded:
             workspace.guard_feeds = feeds(*calibration_source(settings))
         if settings.validate:

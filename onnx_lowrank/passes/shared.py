@@ -37,9 +37,10 @@ def inputs_key(settings, path: str | None, count: int | None) -> tuple:
 
 def statistics_key(settings) -> tuple:
     """The settings a layer's data spectra and gains depend on besides its weight: the calibration
-    inputs (`inputs_key`), the memory budget (dense or sample-space moments) and the tile grid
-    (tiled-svd's spectra)."""
-    return (inputs_key(settings, settings.calib, settings.calib_count), settings.max_memory, tuple(settings.tiles))
+    inputs (`inputs_key`) and their augmented copies (`--augment`), the memory budget (dense or
+    sample-space moments) and the tile grid (tiled-svd's spectra)."""
+    return (inputs_key(settings, settings.calib, settings.calib_count), settings.augment, settings.max_memory,
+            tuple(settings.tiles))
 
 
 def layer_key(layer: Layer) -> tuple[str, str]:
