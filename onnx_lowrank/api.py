@@ -112,7 +112,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, output: str | os.PathLi
     if settings.calib is None and settings.data_aware and not settings.keep_structure:
         log.warning(WEIGHT_ONLY_WARNING)
     pipeline = passes if passes is not None else default_pipeline(settings)
-    workspace = Workspace(original=loaded, model=loaded, settings=settings)
+    workspace = Workspace(original=loaded, model=loaded, settings=settings, owned=loaded is not model)
     timings = pipeline.run(workspace, tracker)
     result = CompressionResult(
         model=workspace.model, settings=settings,

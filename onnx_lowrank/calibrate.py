@@ -224,6 +224,7 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     rng = np.random.default_rng(seed)
     gains: dict[str, float] = {}
     start = 0
+    cuts = [position + 1 for position, _ in order]
     steps = progress(order, len(order), "output gains") if progress else order
     try:
         for position, layer in steps:
@@ -233,7 +234,7 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
             segments.forget(state, position)
             start = position + 1
             name = layer.outputs[0]
-            suffix = segments.build(start, len(segments.nodes), _dtypes(state))
+            suffix = _Suffix(segments, [start, *(c for c in cuts if c > start), len(segments.nodes)])
             if reference is None:
                 reference = _final_outputs(suffix, state, outputs, provider, budget)
             perturbed = dict(state)
@@ -330,13 +331,31 @@ def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.rando
     return out.reshape(y.shape), relative if energy > 0 else 0.0
 
 
-def _final_outputs(suffix, state: dict[str, Batches], outputs: dict[str, Centring], provider: str,
+class _Suffix:
+    """The nodes after a layer, run as the walk's segments (between the later layers) one after
+    the other: each segment's sub-model holds its own weights only, so running the rest of the
+    model never builds a copy of all its later weights (for the first layer: nearly the whole
+    model), nor serialises it once per layer."""
+
+    def __init__(self, segments: _Segments, bounds: list[int]):
+        self.segments = segments
+        self.bounds = sorted(set(bounds))
+
+    def run(self, state: dict[str, Batches], provider: str, budget: ActivationBudget) -> None:
+        """Run the suffix on `state` (changed: the tensors produced, those no longer read dropped)."""
+        for begin, end in zip(self.bounds, self.bounds[1:]):
+            built = self.segments.build(begin, end, _dtypes(state))
+            if built is not None:
+                _run(*built, state, provider, budget)
+            self.segments.forget(state, end - 1)
+
+
+def _final_outputs(suffix: _Suffix, state: dict[str, Batches], outputs: dict[str, Centring], provider: str,
                    budget: ActivationBudget) -> dict[str, list[np.ndarray]]:
     """The model's float outputs per batch (centred as `measured_outputs` says), running
     `suffix` (the nodes after a layer) on a copy of `state`."""
     state = dict(state)
-    if suffix is not None:
-        _run(*suffix, state, provider, budget)
+    suffix.run(state, provider, budget)
     return {name: [_centred(np.asarray(v, dtype=np.float64), outputs[name]) for v in state[name]]
             for name in outputs if name in state and np.issubdtype(state[name].dtype, np.floating)}
 

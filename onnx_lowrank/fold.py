@@ -92,17 +92,7 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
         log.info("not folding: the model has sparse initializers or initializers listed as graph inputs, "
                  "which the graph rebuild would not keep")
         return model, FoldCounts()
-    inferred = onnx.ModelProto()
-    inferred.CopyFrom(model)
-    try:
-        shapes = onnx.shape_inference.infer_shapes(without_weights(model)).graph
-        del inferred.graph.value_info[:]
-        inferred.graph.value_info.extend(shapes.value_info)
-        for output, typed in zip(inferred.graph.output, shapes.output, strict=True):
-            output.CopyFrom(typed)
-    except (ValueError, onnx.shape_inference.InferenceError) as exc:  # a model inference rejects
-        log.info("folding without inferred shapes: %s", str(exc).splitlines()[0] if str(exc) else exc)
-    graph = gs.import_onnx(inferred)
+    graph = _import_with_shapes(model)
     opset = onnx_opset(model, 1)
     counts = FoldCounts()
     names = set(graph.tensors()) | {node.name for node in graph.nodes}
@@ -127,14 +117,48 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     if not counts.total:
         return model, counts
     graph.toposort()
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)  # opsets, IR version, producer, metadata, functions: all the model's own
-    folded.graph.CopyFrom(gs.export_onnx(graph, do_type_check=False).graph)
+    folded = gs.export_onnx(graph, do_type_check=False)
+    for field, _ in list(folded.ListFields()):   # opsets, IR version, producer, metadata, functions:
+        if field.name != "graph":                # all the model's own, field by field (a whole copy
+            folded.ClearField(field.name)        # of the model would copy its weights once more)
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            (getattr(folded, field.name).extend(value) if hasattr(value, "extend")
+             else getattr(folded, field.name).CopyFrom(value) if hasattr(value, "CopyFrom")
+             else setattr(folded, field.name, value))
     used = {name for node in folded.graph.node for name in (*node.input, *node.output)}
     del folded.graph.value_info[:]
     folded.graph.value_info.extend(v for v in model.graph.value_info if v.name in used)
     log.info("folded: %s", counts.describe())
     return folded, counts
+
+
+def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
+    """`gs.import_onnx` of `model` with the shapes ONNX inference gives its tensors.
+
+    The inferred value_info and typed outputs are put into `model` only while it is imported and
+    then restored: `model` ends as it was, and no copy of its weights is made (inference reads
+    `graph.without_weights`).
+    """
+    graph = model.graph
+    saved = onnx.GraphProto()
+    saved.value_info.extend(graph.value_info)
+    saved.output.extend(graph.output)
+    try:
+        shapes = onnx.shape_inference.infer_shapes(without_weights(model)).graph
+        del graph.value_info[:]
+        graph.value_info.extend(shapes.value_info)
+        for output, typed in zip(graph.output, shapes.output, strict=True):
+            output.CopyFrom(typed)
+    except (ValueError, onnx.shape_inference.InferenceError) as exc:  # a model inference rejects
+        log.info("folding without inferred shapes: %s", str(exc).splitlines()[0] if str(exc) else exc)
+    try:
+        return gs.import_onnx(model)
+    finally:
+        del graph.value_info[:]
+        graph.value_info.extend(saved.value_info)
+        del graph.output[:]
+        graph.output.extend(saved.output)
 
 
 def _op(node: gs.Node) -> str | None:

@@ -141,16 +141,21 @@ def iter_graphs(graph: onnx.GraphProto, path: str | None = None
                 yield from iter_graphs(sub, sub_path)
 
 
-def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
+def canonicalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
     """Return a copy of `model` with Constant weights as initializers, named nodes, and
     `auto_pad` made explicit where valid for any input size.
+
+    `copy=False` changes `model` itself and returns it: for a model the caller loaded and owns,
+    so the run holds one copy of the weights, not two.
 
     SAME padding depends on the input size unless every stride is 1, where the total pad is
     `δ·(k-1)` (SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the beginning); VALID is
     always zero padding. Other SAME convs keep `auto_pad`, which the rewrites carry over.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     used_names = {n.name for g, _ in iter_graphs(out.graph) for n in g.node if n.name}
     counter = Counter()
     for graph, _ in iter_graphs(out.graph):

@@ -153,6 +153,9 @@ class Workspace:
     validation: object | None = None
     counting: str | None = None
     views: dict = dataclasses.field(default_factory=dict)
+    #: The run loaded `original` itself (from a path): passes may change it in place, so the
+    #: run holds one copy of the weights (`CanonicalizePass`).
+    owned: bool = False
 
     @functools.cached_property
     def pinned(self) -> dict[str, tuple[int, ...]]:

@@ -95,14 +95,19 @@ def _load(model, settings, pinned, values, path: str | None, count: int | None) 
 
 
 class CanonicalizePass(Pass):
-    """Constant weights -> initializers, auto_pad -> explicit pads, every node named."""
+    """Constant weights -> initializers, auto_pad -> explicit pads, every node named.
+
+    A model the run loaded itself (`Workspace.owned`) is made canonical in place: the original
+    and the canonical model are then one object (the same function, the same weights), not two
+    copies of the weights.
+    """
 
     name = "canonicalize"
     requires = ("model",)
     provides = ("canonical",)
 
     def run(self, workspace, progress):
-        workspace.model = workspace.canonical = canonicalize(workspace.model)
+        workspace.model = workspace.canonical = canonicalize(workspace.model, copy=not workspace.owned)
         return PassResult(True, "weights as initializers, explicit pads, named nodes")
 
 

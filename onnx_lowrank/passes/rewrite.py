@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from onnx_lowrank import __version__
 from onnx_lowrank.config import Settings
 from onnx_lowrank.fitting import chain_kernel
-from onnx_lowrank.graph import iter_graphs
+from onnx_lowrank.graph import iter_graphs, without_weights
 from onnx_lowrank.passes.base import Pass, PassResult, Workspace
 from onnx_lowrank.rewrite.chain import apply_chain
 from onnx_lowrank.rewrite.scoped import prune_initializers, rewrite_in_scopes
@@ -40,7 +40,7 @@ class RewritePass(Pass):
             workspace.model = rewritten_model(workspace)
             summary = f"{len(workspace.rewritten)} layers replaced by chains"
         if _passes_checker(workspace.original):
-            onnx.checker.check_model(workspace.model)
+            onnx.checker.check_model(without_weights(workspace.model))
         return PassResult(True, summary)
 
 
@@ -95,9 +95,15 @@ def rewritten_model(workspace: Workspace) -> onnx.ModelProto:
 
 
 def _passes_checker(model: onnx.ModelProto) -> bool:
-    """Whether the ONNX checker accepts `model`; some exporters' output does not pass it."""
+    """Whether the ONNX checker accepts `model`; some exporters' output does not pass it.
+
+    Both checks read the model without its large main-graph initializers (typed graph inputs
+    instead, `graph.without_weights`): the checker serialises what it checks, and a copy of the
+    weights (twice: bytes, then the checker's own) only to check the graph costs more memory
+    than the rest of the run.
+    """
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(without_weights(model))
     except onnx.checker.ValidationError as exc:
         log.info("the input model does not pass the ONNX checker (%s)", str(exc).splitlines()[0])
         return False
@@ -109,9 +115,14 @@ def with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,
     """The rewritten graph with the source's opsets, IR version, producer and metadata, plus provenance.
 
     Every field but the graph is copied from `source` field by field: a whole copy of it would
-    copy its weights only to replace them (a transient copy of the model's size).
+    copy its weights only to replace them (a transient copy of the model's size). `rewritten`
+    (a model built for this call) is reused: its other fields are cleared and the source's set,
+    so its graph is not copied either.
     """
-    out = onnx.ModelProto()
+    out = rewritten
+    for field, _ in list(out.ListFields()):
+        if field.name != "graph":
+            out.ClearField(field.name)
     for field, value in source.ListFields():
         if field.name == "graph":
             continue
@@ -121,7 +132,6 @@ def with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,
             getattr(out, field.name).CopyFrom(value)
         else:
             setattr(out, field.name, value)
-    out.graph.CopyFrom(rewritten.graph)
     provenance = {"onnx_lowrank.version": __version__,
                   "onnx_lowrank.settings": json.dumps(settings.provenance(), sort_keys=True)}
     kept = [p for p in out.metadata_props if p.key not in provenance]
