@@ -33,9 +33,12 @@ def test_dry_run_end_to_end(tmp_path):
     rows = re.findall(r"^\| .* \| (tucker2|channel-svd) \| [\d.]+ \|", text, re.M)
     assert len(rows) == 10  # 5 shapes x 2 methods
     assert re.search(r"Suggested rank multiple on `cpu`: \*\*(4|8|16|32|64)\*\*", text)
-    for aware in ("no", "yes"):
-        assert re.search(rf"^\| digits \| {aware} \| CPUExecutionProvider \| 0\.\d+ \| \d+ \| 0\.9\d+ \| [\d.]+ \|",
-                         text, re.M)
+    measured = r"CPUExecutionProvider \| 0\.\d+ \| \d+ \| 0\.9\d+ \| [\d.]+ \|"
+    assert re.search(rf"^\| digits \| no \| {measured}", text, re.M)
+    # Latency-aware plans follow timings: on a busy machine the closest plan may miss the target,
+    # which compress refuses in one line (exit 2) and the table shows in place of the numbers.
+    refused = r"\| \| \| \| .*closest plan keeps 0\.\d+, outside .*--rank-multiple \|"
+    assert re.search(rf"^\| digits \| yes \| ({measured}|{refused})", text, re.M)
 
 
 def _staircase(step: int, top: int = 128) -> dict[int, float]:
