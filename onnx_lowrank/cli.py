@@ -31,6 +31,7 @@ from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.intervals import with_interval
 from onnx_lowrank.methods import method_names
 from onnx_lowrank.passes import default_pipeline
+from onnx_lowrank.passes.prepare import CALIB_CAP
 from onnx_lowrank.report import (
     REUSED_CALIBRATION_NOTE,
     bound_text,
@@ -163,7 +164,7 @@ def _add_shape_option(parser):
 def _add_validation_options(parser):
     parser.add_argument("--calib", help="inputs: an .npz keyed by input name, or a folder of images")
     parser.add_argument("--calib-count", type=int,
-                        help="use at most N calibration inputs (default: all of them up to 256)")
+                        help=f"use at most N calibration inputs (default: all of them up to {CALIB_CAP})")
     parser.add_argument("--batch-size", type=int, help="samples per run when the batch axis is free")
     images = parser.add_argument_group("image folders (--calib DIR)")
     images.add_argument("--resize", type=int, help="short side before the centre crop (default: max(H, W))")
@@ -305,6 +306,8 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
                   f"({_share(totals['params_after'], totals['params_before'])})")
     if totals.get("counting"):
         console.print(f"control flow counted: {totals['counting']}", markup=False, highlight=False)
+    if report.get("inputs") and report["inputs"] != "no inputs needed":
+        console.print(f"inputs: {report['inputs']}", markup=False, highlight=False)
     folded = report.get("folded") or {}
     if any(folded.values()):
         console.print(f"folded exactly: {FoldCounts.from_report(folded).describe()} (--no-fold keeps them)")

@@ -419,7 +419,8 @@ def compression_report(result, input_path: str, output_path: str) -> dict:
 
     Beyond the contract, ``validation.on_fit_inputs`` tells a pipeline reading the JSON what the
     CLI and report.md say in words: the numbers were measured on the calibration inputs the
-    data-aware fit was made on (`reused_calibration`), so they are optimistic."""
+    data-aware fit was made on (`reused_calibration`), so they are optimistic; ``inputs`` says
+    how many samples were loaded from where (and when the default cap cut the calibration set)."""
     from onnx_lowrank import __version__
 
     before = result.totals_before
@@ -438,6 +439,7 @@ def compression_report(result, input_path: str, output_path: str) -> dict:
                        **({"counting": result.counting} if result.counting else {})},
             "layers": [layer.to_dict() for layer in result.layers],
             "folded": dataclasses.asdict(result.folds),
+            "inputs": next((t.result.summary for t in result.timings if t.name == "inputs"), None),
             "validation": validation}
 
 

@@ -15,6 +15,7 @@ from onnx_lowrank import Settings, api
 from onnx_lowrank.cli import main
 from onnx_lowrank.intervals import bound_check, wilson
 from onnx_lowrank.passes.prepare import CALIB_CAP
+from onnx_lowrank.report import compression_report
 
 DIGITS = "models/digits_cnn.onnx"
 
@@ -30,7 +31,10 @@ def test_every_calibration_and_eval_input_is_used_and_counted_as_samples(tmp_pat
     settings = Settings(rank_ratio=0.5, calib=str(calib), eval=str(evaluation), batch_size=32, latency=False)
     result = api.compress(DIGITS, tmp_path / "out.onnx", settings)
     inputs = next(t for t in result.timings if t.name == "inputs").result.summary
-    assert f"{min(300, CALIB_CAP)} samples from {calib}" in inputs and f"200 samples from {evaluation}" in inputs
+    assert CALIB_CAP < 300
+    assert f"{CALIB_CAP} samples from {calib} (the default cap; --calib-count N for more)" in inputs
+    assert f"200 samples from {evaluation}" in inputs and inputs.count("default cap") == 1
+    assert compression_report(result, "in.onnx", "out.onnx")["inputs"] == inputs    # what the CLI prints
     assert (result.validation.inputs, result.validation.batches) == (200, 7)
     capped = api.compress(DIGITS, None, Settings(rank_ratio=0.5, calib=str(calib), calib_count=40, batch_size=32,
                                                  latency=False))
