@@ -433,18 +433,19 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
     strongly correlated, so the subset estimates the moments as well at a fraction of the cost.
     By default `rows` is `MOMENT_SAMPLE_ROWS`, fewer for wide inputs (`MOMENT_WORK`).
 
-    The form follows the memory they need (`statistics_form`): dense ``D x D`` moments
-    (`factorize.moments.Moments`) when they fit `budget.statistics`, else the vectors themselves
-    (`SampleMoments`), as many as fit, which carry the same information when there are fewer of
-    them than dimensions (a 25088-wide dense head sees one vector per calibration sample).
+    The form follows the memory they need (`statistics_form`): the vectors themselves
+    (`SampleMoments`) when there are fewer of them than dimensions (a 25088-wide dense head sees
+    one vector per calibration sample; a transformer's MatMul one per token), else dense ``D x D``
+    moments (`factorize.moments.Moments`) when they fit `budget.statistics`, else as many vectors
+    as fit.
     """
     vectors = vector_count(layer, xs[0]) * len(xs)
     if rows is None:
         rows = min(MOMENT_SAMPLE_ROWS, max(MOMENT_MIN_ROWS, MOMENT_WORK // vector_shape(layer)[1] ** 2))
-    capacity = statistics_form(layer, vectors, xts is not None, budget)
+    capacity = statistics_form(layer, vectors, xts is not None, budget, every=vectors <= rows)
     accumulated = moments.Moments() if capacity is None else moments.SampleMoments(capacity)
     target = min(rows, vectors) if capacity is None else min(rows, capacity)
-    keep = min(1.0, target / vectors) if capacity is None else min(1.0, 0.95 * target / vectors)
+    keep = min(1.0, target / vectors) if capacity is None or capacity >= vectors else 0.95 * target / vectors
     for p, pt in _sampled_vectors(layer, xs, xts, keep, np.random.default_rng(zlib.crc32(layer.name.encode()))):
         if capacity is not None:
             p, pt = p[:, :accumulated.room], None if pt is None else pt[:, :accumulated.room]
@@ -479,20 +480,26 @@ def _sampled_vectors(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.nd
             yield p[:, chosen], None if pt is None else pt[:, chosen]
 
 
-def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudget | None) -> int | None:
+def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudget | None,
+                    every: bool = False) -> int | None:
     """None for dense moments, else how many vectors sample-space statistics keep.
 
     Per group, dense moments hold 1 (3 paired) ``D x D`` float64 matrices, and their fit about 4
     more at a time: ``8·D²·(g·k + 4)`` bytes. Sample-space statistics hold the vectors (and their
     ``p~``) and as much again while fitted, plus an ``n x n`` Gram matrix:
-    ``8·n·D·(g·k + 4) + 8·n²``. Raises `InputError` (naming --max-memory) when not even
-    `MIN_SAMPLE_VECTORS` vectors fit.
+    ``8·n·D·(g·k + 4) + 8·n²``. When `every` vector is used (no subset) and keeping all `vectors`
+    costs less than the dense form (n well below D), the vectors are kept: the same fit for less
+    memory and time. Past the budget, as many vectors as fit. Raises `InputError` (naming
+    --max-memory) when not even `MIN_SAMPLE_VECTORS` vectors fit.
     """
     if budget is None:
         return None
     groups, dim = vector_shape(layer)
     matrices = groups * (3 if paired else 1) + 4
     dense = 8 * dim * dim * matrices
+    samples = 8 * vectors * dim * matrices + 8 * vectors * vectors
+    if every and samples < dense and samples <= budget.statistics:
+        return vectors
     if dense <= budget.statistics:
         return None
     fit = min(int(budget.statistics / (8 * dim * matrices)), int(math.sqrt(budget.statistics / 8)))

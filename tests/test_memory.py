@@ -47,18 +47,39 @@ def test_sizes_parse_and_refuse_nonsense():
     assert MemoryBudget.from_setting(None).total > 0
 
 
-def test_sample_space_statistics_give_the_dense_result(tmp_path):
-    # 64 samples of a 3000-wide head: dense moments fit the default budget, 40 MiB forces samples.
+def test_fewer_vectors_than_dimensions_are_kept_as_vectors_even_where_dense_moments_fit():
+    from onnx_lowrank.calibrate import statistics_form
+    from onnx_lowrank.graph import find_layers, infer_shapes
+
+    model = dense_head_model(3000)
+    wide, narrow = find_layers(model, infer_shapes(model))
+    budget = MemoryBudget.from_setting("4G")                   # dense 3000² moments fit it easily
+    assert statistics_form(wide, 64, True, budget, every=True) == 64          # 64 x 3000 vectors: cheaper
+    assert statistics_form(wide, 64, True, budget, every=False) is None       # a subset: dense, as before
+    assert statistics_form(narrow, 64, True, budget, every=True) is None      # 32 wide: 64 vectors cost more
+    assert statistics_form(wide, 64, True, MemoryBudget.from_setting("40M"), every=False) == 99   # what fits 40 MiB
+
+
+def test_sample_space_statistics_give_the_dense_result(tmp_path, monkeypatch):
+    # 64 samples of a 3000-wide head: the vectors by choice (default budget), by need (40 MiB),
+    # and the dense moments, forced, must give the same model.
+    from onnx_lowrank import calibrate
+
     model = dense_head_model(3000)
     np.savez(tmp_path / "calib.npz", x=features(64, 3000, seed=1))
+    choose = calibrate.statistics_form
     outputs = {}
-    for label, limit in (("dense", None), ("samples", "40M")):
+    for label, limit, form in (("dense", None, lambda layer, n, paired, budget, every=False: choose(
+            layer, n, paired, budget)), ("chosen", None, choose), ("needed", "40M", choose)):
+        monkeypatch.setattr(calibrate, "statistics_form", form)
         settings = Settings(method="svd", rank=8, calib=str(tmp_path / "calib.npz"), calib_count=64,
                             batch_size=16, validate=False, max_memory=limit)
         api.compress(model, tmp_path / f"{label}.onnx", settings)
         outputs[label] = run(onnx.load(str(tmp_path / f"{label}.onnx")), {"x": features(32, 3000, seed=2)})[0]
     scale = np.abs(outputs["dense"]).max()
-    np.testing.assert_allclose(outputs["samples"], outputs["dense"], atol=1e-4 * scale)
+    for label in ("chosen", "needed"):
+        np.testing.assert_allclose(outputs[label], outputs["dense"], atol=1e-4 * scale)
+    assert np.abs(outputs["chosen"] - outputs["dense"]).max() < 1e-5 * scale    # the same vectors: rounding only
 
 
 def test_a_30000_wide_dense_layer_compresses_data_aware_within_2_gib(tmp_path):
