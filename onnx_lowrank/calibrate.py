@@ -48,6 +48,10 @@ MOMENT_MIN_ROWS = 8192
 ACTIVATION_MEMORY = ACTIVATION_CAP
 #: Noise values `output_gains` draws at a time (float64: 32 MiB).
 NOISE_CHUNK = 1 << 22
+#: Dense moments up to this size are kept even where the vectors would cost less: small either way,
+#: and rank-deficient moments (fewer vectors than dimensions) are fitted a little differently in
+#: the two forms (digits with 4 calibration images: 1 % of the output apart).
+DENSE_BY_CHOICE = 64 << 20
 #: Sample-space statistics keep at least this many vectors, or the run stops (`statistics_form`).
 MIN_SAMPLE_VECTORS = 32
 #: Final activations whose input, not output, `output_gains` compares.
@@ -487,9 +491,9 @@ def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudg
     Per group, dense moments hold 1 (3 paired) ``D x D`` float64 matrices, and their fit about 4
     more at a time: ``8·D²·(g·k + 4)`` bytes. Sample-space statistics hold the vectors (and their
     ``p~``) and as much again while fitted, plus an ``n x n`` Gram matrix:
-    ``8·n·D·(g·k + 4) + 8·n²``. When `every` vector is used (no subset) and keeping all `vectors`
-    costs less than the dense form (n well below D), the vectors are kept: the same fit for less
-    memory and time. Past the budget, as many vectors as fit. Raises `InputError` (naming
+    ``8·n·D·(g·k + 4) + 8·n²``. When `every` vector is used (no subset), the dense form would
+    take more than `DENSE_BY_CHOICE` and keeping all `vectors` costs less (n well below D), the
+    vectors are kept: the same fit for less memory and time. Past the budget, as many vectors as fit. Raises `InputError` (naming
     --max-memory) when not even `MIN_SAMPLE_VECTORS` vectors fit.
     """
     if budget is None:
@@ -498,7 +502,7 @@ def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudg
     matrices = groups * (3 if paired else 1) + 4
     dense = 8 * dim * dim * matrices
     samples = 8 * vectors * dim * matrices + 8 * vectors * vectors
-    if every and samples < dense and samples <= budget.statistics:
+    if every and dense > DENSE_BY_CHOICE and samples < dense and samples <= budget.statistics:
         return vectors
     if dense <= budget.statistics:
         return None
