@@ -37,6 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lowrank.graph import onnx_opset, without_weights
+from onnx_lowrank.model import adopt_model_fields
 from onnx_lowrank.rewrite.chain import zero_subnormals
 
 __all__ = ["FoldCounts", "fold_elementwise"]
@@ -117,15 +118,7 @@ def fold_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldCount
     if not counts.total:
         return model, counts
     graph.toposort()
-    folded = gs.export_onnx(graph, do_type_check=False)
-    for field, _ in list(folded.ListFields()):   # opsets, IR version, producer, metadata, functions:
-        if field.name != "graph":                # all the model's own, field by field (a whole copy
-            folded.ClearField(field.name)        # of the model would copy its weights once more)
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            (getattr(folded, field.name).extend(value) if hasattr(value, "extend")
-             else getattr(folded, field.name).CopyFrom(value) if hasattr(value, "CopyFrom")
-             else setattr(folded, field.name, value))
+    folded = adopt_model_fields(gs.export_onnx(graph, do_type_check=False), model)
     used = {name for node in folded.graph.node for name in (*node.input, *node.output)}
     del folded.graph.value_info[:]
     folded.graph.value_info.extend(v for v in model.graph.value_info if v.name in used)

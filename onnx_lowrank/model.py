@@ -19,7 +19,7 @@ from onnx_lowrank.errors import InputError
 from onnx_lowrank.files import atomic_write_bytes
 from onnx_lowrank.runtime import runtime_max_ir_version
 
-__all__ = ["load_model", "save_model"]
+__all__ = ["adopt_model_fields", "load_model", "save_model"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,29 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> pathlib.Path:
             atomic_write_bytes(path, to_write.SerializeToString())
     log.info("saved %s (IR %d, external data: %s)", path, to_write.ir_version, external)
     return path
+
+
+def adopt_model_fields(target: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    """`target` (a model built for the caller, e.g. by a graph rewrite) with every field but its
+    graph replaced by `source`'s: opsets, IR version, producer, metadata, functions.
+
+    Field by field, and in place: copying `source` whole would copy its weights only to replace its
+    graph, and copying `target`'s graph into a fresh model would copy the new weights (each a
+    transient copy of the model's size).
+    """
+    for field, _ in list(target.ListFields()):
+        if field.name != "graph":
+            target.ClearField(field.name)
+    for field, value in source.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):          # a repeated field
+            getattr(target, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):      # a message
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return target
 
 
 def _uses_external_data(graph: onnx.GraphProto) -> bool:

@@ -13,6 +13,7 @@ from onnx_lowrank import __version__
 from onnx_lowrank.config import Settings
 from onnx_lowrank.fitting import chain_kernel
 from onnx_lowrank.graph import iter_graphs, without_weights
+from onnx_lowrank.model import adopt_model_fields
 from onnx_lowrank.passes.base import Pass, PassResult, Workspace
 from onnx_lowrank.rewrite.chain import apply_chain
 from onnx_lowrank.rewrite.scoped import prune_initializers, rewrite_in_scopes
@@ -114,24 +115,10 @@ def with_model_fields(source: onnx.ModelProto, rewritten: onnx.ModelProto,
                        settings: Settings) -> onnx.ModelProto:
     """The rewritten graph with the source's opsets, IR version, producer and metadata, plus provenance.
 
-    Every field but the graph is copied from `source` field by field: a whole copy of it would
-    copy its weights only to replace them (a transient copy of the model's size). `rewritten`
-    (a model built for this call) is reused: its other fields are cleared and the source's set,
-    so its graph is not copied either.
+    The source's fields are set on `rewritten` itself (`model.adopt_model_fields`): neither model's
+    weights are copied.
     """
-    out = rewritten
-    for field, _ in list(out.ListFields()):
-        if field.name != "graph":
-            out.ClearField(field.name)
-    for field, value in source.ListFields():
-        if field.name == "graph":
-            continue
-        if hasattr(value, "extend"):          # a repeated field
-            getattr(out, field.name).extend(value)
-        elif hasattr(value, "CopyFrom"):      # a message
-            getattr(out, field.name).CopyFrom(value)
-        else:
-            setattr(out, field.name, value)
+    out = adopt_model_fields(rewritten, source)
     provenance = {"onnx_lowrank.version": __version__,
                   "onnx_lowrank.settings": json.dumps(settings.provenance(), sort_keys=True)}
     kept = [p for p in out.metadata_props if p.key not in provenance]
