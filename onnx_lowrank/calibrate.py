@@ -493,8 +493,8 @@ def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudg
     ``p~``) and as much again while fitted, plus an ``n x n`` Gram matrix:
     ``8·n·D·(g·k + 4) + 8·n²``. When `every` vector is used (no subset), the dense form would
     take more than `DENSE_BY_CHOICE` and keeping all `vectors` costs less (n well below D), the
-    vectors are kept: the same fit for less memory and time. Past the budget, as many vectors as fit. Raises `InputError` (naming
-    --max-memory) when not even `MIN_SAMPLE_VECTORS` vectors fit.
+    vectors are kept: the same fit for less memory and time. Past the budget, as many vectors as
+    fit. Raises `InputError` (naming --max-memory) when not even `MIN_SAMPLE_VECTORS` vectors fit.
     """
     if budget is None:
         return None

@@ -31,7 +31,7 @@ from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.intervals import with_interval
 from onnx_lowrank.methods import method_names
 from onnx_lowrank.passes import default_pipeline
-from onnx_lowrank.passes.prepare import CALIB_CAP
+from onnx_lowrank.passes.prepare import CALIB_CAP, NO_INPUTS
 from onnx_lowrank.report import (
     REUSED_CALIBRATION_NOTE,
     bound_text,
@@ -306,7 +306,7 @@ def _print_compression(console: Console, report: dict, guarded: bool) -> None:
                   f"({_share(totals['params_after'], totals['params_before'])})")
     if totals.get("counting"):
         console.print(f"control flow counted: {totals['counting']}", markup=False, highlight=False)
-    if report.get("inputs") and report["inputs"] != "no inputs needed":
+    if report.get("inputs") not in (None, NO_INPUTS):
         console.print(f"inputs: {report['inputs']}", markup=False, highlight=False)
     folded = report.get("folded") or {}
     if any(folded.values()):

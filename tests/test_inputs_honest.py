@@ -35,6 +35,10 @@ def test_every_calibration_and_eval_input_is_used_and_counted_as_samples(tmp_pat
     assert f"{CALIB_CAP} samples from {calib} (the default cap; --calib-count N for more)" in inputs
     assert f"200 samples from {evaluation}" in inputs and inputs.count("default cap") == 1
     assert compression_report(result, "in.onnx", "out.onnx")["inputs"] == inputs    # what the CLI prints
+    evaluated = api.compress(DIGITS, None, Settings(rank_ratio=0.5, calib=str(calib), eval=str(evaluation),
+                                                    eval_count=CALIB_CAP, batch_size=32, latency=False))
+    summary = next(t for t in evaluated.timings if t.name == "inputs").result.summary
+    assert summary.endswith(f"{CALIB_CAP} samples from {evaluation}")              # an eval count is no cap
     assert (result.validation.inputs, result.validation.batches) == (200, 7)
     capped = api.compress(DIGITS, None, Settings(rank_ratio=0.5, calib=str(calib), calib_count=40, batch_size=32,
                                                  latency=False))

@@ -16,14 +16,16 @@ from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
 from onnx_lowrank.passes.shared import SharedStatistics, inputs_key
 from onnx_lowrank.pins import with_values, without_pinned
 
-__all__ = ["CanonicalizePass", "FindLayersPass", "FoldPass", "LoadInputsPass", "SelectLayersPass", "calibration_source",
-           "evaluation_source"]
+__all__ = ["CanonicalizePass", "FindLayersPass", "FoldPass", "LoadInputsPass", "SelectLayersPass", "NO_INPUTS",
+           "calibration_source", "evaluation_source"]
 
 
 #: Calibration inputs used at most when --calib-count is not given (docs/bench_calib_count.md: on
 #: the four measured models the fit stops improving at 64 inputs, the recogniser gets worse past it,
 #: and the time keeps growing with the count).
 CALIB_CAP = 64
+#: The inputs pass's summary when the run loads none (no calibration, guard or validation).
+NO_INPUTS = "no inputs needed"
 class LoadInputsPass(Pass):
     """Load the feeds each later step reads, once each.
 
@@ -60,11 +62,8 @@ class LoadInputsPass(Pass):
             workspace.guard_feeds = feeds(*calibration_source(settings))
         if settings.validate:
             workspace.eval_feeds = feeds(*evaluation_source(settings))
-        capped = settings.calib_count is None and settings.calib is not None
-        return PassResult(False, ", ".join(
-            f"{_samples(f)} samples from {path or 'random inputs'}"
-            + (" (the default cap; --calib-count N for more)" if capped and count == CALIB_CAP == _samples(f) else "")
-            for (path, count), f in loaded.items()) or "no inputs needed")
+        return PassResult(False, ", ".join(_described(settings, path, count, f)
+                                           for (path, count), f in loaded.items()) or NO_INPUTS)
 
 
 def calibration_source(settings) -> tuple[str | None, int | None]:
@@ -77,6 +76,14 @@ def evaluation_source(settings) -> tuple[str | None, int | None]:
     """(path, count) of the validation inputs: `--eval` (at most `--eval-count`), else the
     calibration inputs (`calibration_source`)."""
     return (settings.eval, settings.eval_count) if settings.eval is not None else calibration_source(settings)
+
+
+def _described(settings, path: str | None, count: int | None, feeds: list[dict]) -> str:
+    """"N samples from PATH", saying when the default cap (`CALIB_CAP`) cut the calibration set."""
+    text = f"{_samples(feeds)} samples from {path or 'random inputs'}"
+    capped = (path is not None and settings.calib_count is None and (path, count) == (settings.calib, CALIB_CAP)
+              and _samples(feeds) == CALIB_CAP)
+    return text + (" (the default cap; --calib-count N for more)" if capped else "")
 
 
 def _samples(feeds: list[dict]) -> int:
