@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from onnx_lowrank.costs import node_macs
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.model import adopt_model_fields
 
 __all__ = [
     "ConvAttrs", "GemmAttrs", "Layer", "activations_before_outputs", "canonicalize", "find_layers",
@@ -283,12 +284,7 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
              if len(t.raw_data) > INFERENCE_WEIGHT_BYTES or t.data_location == onnx.TensorProto.EXTERNAL
              or sum(len(f) for f in (t.float_data, t.double_data, t.int64_data, t.int32_data)) * 4
              > INFERENCE_WEIGHT_BYTES}
-    copy = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            (getattr(copy, field.name).extend(value) if hasattr(value, "extend")
-             else getattr(copy, field.name).CopyFrom(value) if hasattr(value, "CopyFrom")
-             else setattr(copy, field.name, value))
+    copy = adopt_model_fields(onnx.ModelProto(), model)
     graph = model.graph
     copy.graph.name = graph.name
     for name in ("node", "input", "output", "value_info", "sparse_initializer"):
@@ -361,14 +357,8 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], specs, concrete, s
     exposed = [n for n in names if n in main_tensors]
     if not exposed:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in exposed:
-        if name not in known:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        session = make_session(probe, "cpu", produced=False, optimize=False, label="the model")
+        session = make_session(with_outputs(model, exposed), "cpu", produced=False, optimize=False, label="the model")
         feed = with_values(model_inputs.random_feeds(specs, concrete, count=1, seed=seed), values,
                            model_inputs.input_specs(model))[0]
         values = session.run(exposed, feed)
