@@ -114,3 +114,8 @@ class MethodSet:
     def serving(self, name: str, layer) -> Method:
         """The method that factorizes `layer` when `name` is asked for (`Method.resolve`)."""
         return self[self[name].resolve(layer)]
+
+    def serving_each(self, names, layer) -> list[Method]:
+        """The distinct methods that factorize `layer` for `names`, in order: `auto`'s SVD,
+        spatial SVD and Tucker-2 are all the SVD for a Gemm/MatMul, whose spectra are one."""
+        return list({m.name: m for m in (self.serving(name, layer) for name in names)}.values())

@@ -107,8 +107,7 @@ class BudgetPass(Pass):
         dense = layer.params if self.measure == "params" else layer.macs * runs
         measured = workspace.spectra.get(layer.name, {})
         found: dict[tuple, alloc.Option] = {}
-        for name in self.method_names:
-            method = self.methods.serving(name, layer)
+        for method in self.methods.serving_each(self.method_names, layer):
             if method.not_applicable(layer) is not None:
                 continue
             spectra = measured.get(method.name) or method.spectra(layer)

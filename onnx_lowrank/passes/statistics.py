@@ -46,8 +46,8 @@ class DataSpectraPass(Pass):
         self.shared = shared if shared is not None else SharedStatistics()
 
     def _serving(self, layer, names: Sequence[str]) -> list:
-        serving = [self.methods.serving(name, layer) for name in names]
-        return [m for m in serving if m.uses_data(layer) and m.not_applicable(layer) is None]
+        return [m for m in self.methods.serving_each(names, layer)
+                if m.uses_data(layer) and m.not_applicable(layer) is None]
 
     def run(self, workspace, progress):
         stored = self.shared.spectra
