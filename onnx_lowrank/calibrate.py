@@ -405,8 +405,10 @@ def vector_count(layer: Layer, x: np.ndarray) -> int:
     return math.prod(x.shape[:-2]) * x.shape[-1]
 
 
-def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
-    """The vectors the layer's weight multiplies, as `[groups, n, D]` chunks.
+def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None,
+                  choose: Callable[[int], np.ndarray] | None = None):
+    """The vectors the layer's weight multiplies, as `[groups, n, D]` chunks (of each chunk, the
+    rows the mask `choose(rows)` keeps, when given).
 
     Conv: im2col patches per group (`D = (S/g)·Πk`); Gemm: rows of `op(A)`; MatMul with the
     weight on the right: rows of `x` (`[..., K]` flattened); on the left: columns of `x`.
@@ -414,7 +416,7 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
     if layer.op == "Conv":
         conv = layer.conv
         yield from patches.iter_patches(x, conv.kernel_shape, conv.strides, conv.dilations, _conv_pads(layer, x),
-                                     conv.group, max_rows=max_rows)
+                                     conv.group, max_rows=max_rows, choose=choose)
         return
     if layer.op == "Gemm":
         rows = x.T if layer.gemm.trans_a else x
@@ -424,7 +426,8 @@ def layer_vectors(layer: Layer, x: np.ndarray, max_rows: int | None = None):
         rows = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
     step = max_rows or len(rows)
     for begin in range(0, len(rows), step):
-        yield rows[None, begin:begin + step]
+        chunk = rows[begin:begin + step]
+        yield (chunk if choose is None else chunk[choose(len(chunk))])[None]
 
 
 def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None,
@@ -472,16 +475,26 @@ def layer_samples(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
 def _sampled_vectors(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarray] | None, keep: float,
                      rng: np.random.Generator):
     """Chunks ``(p, p~)`` of the layer's input vectors over all batches, each kept with probability
-    `keep` (the same positions in both worlds; ``p~`` None without `xts`)."""
+    `keep` (the same positions in both worlds; ``p~`` None without `xts`). Only kept vectors are
+    formed: the compressed world's chunk replays the mask drawn for the original's."""
+    mask = [np.ones(0, bool)]
+
+    def draw(rows: int) -> np.ndarray:
+        mask[0] = rng.random(rows) < keep
+        return mask[0]
+
+    def replay(rows: int) -> np.ndarray:
+        return mask[0]
+
+    subset = keep < 1.0
     for index, x in enumerate(xs):
-        originals = layer_vectors(layer, x, MOMENT_ROWS)
+        originals = layer_vectors(layer, x, MOMENT_ROWS, draw if subset else None)
         if xts is None:
             chunks = ((p, None) for p in originals)
         else:
-            chunks = zip(originals, layer_vectors(layer, xts[index], MOMENT_ROWS), strict=True)
-        for p, pt in chunks:
-            chosen = rng.random(p.shape[1]) < keep if keep < 1.0 else slice(None)
-            yield p[:, chosen], None if pt is None else pt[:, chosen]
+            chunks = zip(originals, layer_vectors(layer, xts[index], MOMENT_ROWS, replay if subset else None),
+                         strict=True)
+        yield from chunks
 
 
 def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudget | None,

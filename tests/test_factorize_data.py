@@ -174,6 +174,10 @@ def test_im2col_matches_a_direct_convolution():
             np.testing.assert_array_equal(np.concatenate(chunks, axis=1), patches)
         (whole,) = iter_patches(x, kernel, strides, dilations, pads, groups, max_rows=None)
         np.testing.assert_array_equal(whole, patches)
+        masks = []  # a chooser forms only the rows it keeps: the same patches as masking them all
+        chosen = iter_patches(x, kernel, strides, dilations, pads, groups, max_rows=5,
+                              choose=lambda rows: masks.append(rng.random(rows) < 0.4) or masks[-1])
+        np.testing.assert_array_equal(np.concatenate(list(chosen), axis=1), patches[:, np.concatenate(masks)])
 
 
 def test_im2col_keeps_float32_and_defaults_are_a_valid_unit_stride_conv():

@@ -9,7 +9,7 @@ channels under the kernel footprint, flattened channel-major ``(s, k1..kN)``, of
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -75,6 +75,7 @@ def iter_patches(
     pads: Sequence[int] | None = None,
     groups: int = 1,
     max_rows: int | None = DEFAULT_MAX_ROWS,
+    choose: Callable[[int], np.ndarray] | None = None,
 ) -> Iterator[np.ndarray]:
     """The im2col patches of a Conv input, in chunks ``[groups, n_chunk, D]`` of at most ``max_rows`` rows.
 
@@ -98,6 +99,9 @@ def iter_patches(
         pads: ``(b1..bN, e1..eN)``, default zeros (see :func:`same_pads` for auto_pad).
         groups: the Conv's ``group`` attribute, dividing S.
         max_rows: the most rows per chunk (>= 1); None: all rows in one chunk.
+        choose: given a chunk's row count, a boolean mask of the rows to keep: only those
+            patches are formed (a random subset of a high-resolution input costs its own size,
+            not the input's).
 
     Raises:
         ValueError: bad shapes or attributes, or an empty output.
@@ -106,7 +110,7 @@ def iter_patches(
     if max_rows is None:
         max_rows = math.prod(view.shape[: (view.ndim - 2) // 2 + 1])
     max_rows = check_int("iter_patches", "max_rows", max_rows)
-    return _chunks(view, groups, dim, max_rows)
+    return _chunks(view, groups, dim, max_rows, choose)
 
 
 def im2col(
@@ -173,8 +177,10 @@ def _patch_view(
     return view, groups, (channels // groups) * math.prod(kernel)
 
 
-def _chunks(view: np.ndarray, groups: int, dim: int, max_rows: int) -> Iterator[np.ndarray]:
-    """Cut the row space ``(B, out1..outN)`` of ``view`` into C-order slabs of at most max_rows rows."""
+def _chunks(view: np.ndarray, groups: int, dim: int, max_rows: int,
+            choose: Callable[[int], np.ndarray] | None = None) -> Iterator[np.ndarray]:
+    """Cut the row space ``(B, out1..outN)`` of ``view`` into C-order slabs of at most max_rows rows
+    (of them, the rows `choose` keeps)."""
     n = (view.ndim - 2) // 2
     row_dims = view.shape[: n + 1]
     # Level: the outermost row axis whose inner rows fit in a chunk; slabs slice it, outer axes index.
@@ -184,6 +190,9 @@ def _chunks(view: np.ndarray, groups: int, dim: int, max_rows: int) -> Iterator[
     for outer in np.ndindex(*row_dims[:level]):
         for start in range(0, row_dims[level], step):
             slab = view[(*outer, slice(start, min(start + step, row_dims[level])))]
+            if choose is not None:  # gathers only the chosen windows, in the same C order
+                kept = np.flatnonzero(choose(math.prod(slab.shape[: n + 1 - level])))
+                slab = slab[np.unravel_index(kept, slab.shape[: n + 1 - level])]
             rows = slab.reshape(-1, groups, dim)  # copies the strided windows
             yield np.ascontiguousarray(rows.transpose(1, 0, 2))
 
