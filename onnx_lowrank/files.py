@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterable
 
-__all__ = ["atomic_write_bytes"]
+__all__ = ["atomic_write_bytes", "atomic_write_pieces"]
 
 
 def _umask() -> int:
@@ -21,13 +22,20 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     """Write `data` to `path` atomically, with the permissions a plain `open(path, "wb")` gives."""
+    return atomic_write_pieces(path, (data,))
+
+
+def atomic_write_pieces(path: str | os.PathLike, pieces: Iterable[bytes]) -> pathlib.Path:
+    """Write the concatenation of `pieces` to `path` atomically (as `atomic_write_bytes`), one
+    piece in memory at a time."""
     path = pathlib.Path(path)
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                          delete=False)
     staged = pathlib.Path(handle.name)
     try:
         with handle:
-            handle.write(data)
+            for piece in pieces:
+                handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(staged, 0o666 & ~_umask())
