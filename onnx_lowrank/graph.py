@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from onnx_lowrank.costs import node_macs
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.model import adopt_model_fields
+from onnx_lowrank.weights import cached_weight
 
 __all__ = [
     "ConvAttrs", "GemmAttrs", "Layer", "activations_before_outputs", "canonicalize", "find_layers",
@@ -68,6 +69,10 @@ class GemmAttrs:
     has_c: bool
 
 
+#: `Layer.weight` when none was given: the model's initializer `Layer.weight_tensor`, if any.
+_FROM_MODEL = object()
+
+
 @dataclasses.dataclass
 class Layer:
     """One Conv/ConvTranspose/Gemm/MatMul node as the rest of the tool sees it.
@@ -77,7 +82,9 @@ class Layer:
     left, `[M, K]`) matrix that is factorized. `subgraph` names the control-flow body holding
     the node ("node/attribute"), None in the main graph; `runs` is how often the model totals
     count it per model run (0 in an If branch they do not count, a Loop's trip count) and
-    `scope` says so in words (`counting.annotate`).
+    `scope` says so in words (`counting.annotate`). A layer found in a model reads `weight` from
+    the model's initializer `weight_tensor` on each use (`weights.cached_weight`: read-only, no
+    copy held per layer); a weight given directly is held as given.
     """
 
     name: str
@@ -86,7 +93,7 @@ class Layer:
     outputs: tuple[str, ...]
     subgraph: str | None = None
     weight_name: str | None = None
-    weight: np.ndarray | None = None
+    weight: np.ndarray | None = _FROM_MODEL
     bias_name: str | None = None
     bias: np.ndarray | None = None
     input_shape: tuple[int, ...] | None = None
@@ -100,6 +107,7 @@ class Layer:
     params: int = 0
     runs: int = 1
     scope: str | None = None
+    weight_tensor: onnx.TensorProto | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def candidate(self) -> bool:
@@ -119,6 +127,23 @@ class Layer:
                 "input_shape": _listed(self.input_shape), "output_shape": _listed(self.output_shape),
                 "status": "candidate" if self.candidate else "skipped", "reason": self.skip_reason,
                 "macs_before": self.macs or 0, "params_before": self.params}
+
+
+def _layer_weight(layer: Layer) -> np.ndarray | None:
+    held = layer.__dict__.get("_weight", _FROM_MODEL)
+    if held is not _FROM_MODEL:
+        return held
+    return None if layer.weight_tensor is None else cached_weight(layer.weight_tensor)
+
+
+def _set_layer_weight(layer: Layer, value) -> None:
+    if value is _FROM_MODEL:
+        layer.__dict__.pop("_weight", None)
+    else:
+        layer.__dict__["_weight"] = value
+
+
+Layer.weight = property(_layer_weight, _set_layer_weight, doc="The constant operand as stored (see `Layer`).")
 
 
 def _listed(shape):
@@ -424,7 +449,7 @@ def _layer(node: onnx.NodeProto, path: str | None, scope: dict, producers: dict,
     layer.input_shape = shapes.get(node.input[data_index])
     if weight_index is not None:
         layer.weight_name = node.input[weight_index]
-        layer.weight = numpy_helper.to_array(scope[layer.weight_name])
+        layer.weight_tensor = scope[layer.weight_name]
     if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
         layer.bias_name = node.input[2]
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -220,3 +221,25 @@ def test_shapes_inference_cannot_resolve_are_read_off_a_run_of_the_model_with_it
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
                        [helper.make_tensor_value_info("nz", TensorProto.INT64, None)], [weight])
     assert infer_shapes(model, need={"nz"})["nz"] == (2, 3 * 32)    # random x: every product is nonzero
+
+
+def test_layers_read_their_weights_from_the_model_through_a_bounded_cache(rng):
+    """A found layer holds no copy of its weight: it reads the initializer (read-only), and the
+    cache keeps the arrays read last within its byte budget."""
+    from onnx_lowrank.weights import WeightCache
+
+    weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    (layer,) = prepared(conv_model((1, 4, 8, 8), weight)).layers
+    assert "_weight" not in vars(layer) and layer.weight_tensor is not None
+    np.testing.assert_array_equal(layer.weight, weight)
+    assert not layer.weight.flags.writeable
+    tensors = [numpy_helper.from_array(rng.standard_normal(256).astype(np.float32), f"t{i}") for i in range(4)]
+    cache = WeightCache(budget=2 * 1024)                 # two of the 1 KiB tensors
+    first = cache.get(tensors[0])
+    assert cache.get(tensors[0]) is first                # cached
+    for tensor in tensors[1:]:
+        np.testing.assert_array_equal(cache.get(tensor), numpy_helper.to_array(tensor))
+    assert cache.get(tensors[0]) is not first            # dropped past the budget, read again
+    np.testing.assert_array_equal(cache.get(tensors[0]), first)
+    given = dataclasses.replace(layer, weight=None)      # a weight given directly is held as given
+    assert given.weight is None
