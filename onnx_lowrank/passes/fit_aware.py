@@ -14,7 +14,7 @@ from onnx_lowrank.passes.base import Pass, PassResult
 from onnx_lowrank.passes.budget import BudgetPass
 from onnx_lowrank.ranks import ModeSpectrum
 
-__all__ = ["FitAwareBudgetPass", "energy"]
+__all__ = ["FitAwareBudgetPass"]
 
 #: A data-aware fit pass watching its walk: `observe(layer, xs, xts)` -> the pass (`FactorizePass`).
 TrialFit = Callable[[Callable[[Layer, list, list], None]], Pass]
@@ -38,7 +38,7 @@ class FitAwareBudgetPass(Pass):
        curves (`BudgetPass.with_curves`), each scaled from the tail's share of its own spectrum
        to its share of the original output's energy,
        ``e~(r) = Σ_{i>r} σ_i(W* L~)² / Σ_i σ_i(W L)²``, the unit of the original curves
-       (`energy`); the output gains stay those of the original model.
+       (`_energy`); the output gains stay those of the original model.
 
     A layer without such a curve (no paired statistics, a method that reads no data, a layer the
     walk does not reach) keeps its original curve. Cost: one more sequential fit than the plain
@@ -84,13 +84,13 @@ class FitAwareBudgetPass(Pass):
             if method.name not in original or not (moments.dense or method.sample_space):
                 continue
             spectra = method.spectra(layer, moments)
-            scale = energy(spectra[0]) / max(energy(original[method.name][0]), np.finfo(float).tiny)
+            scale = _energy(spectra[0]) / max(_energy(original[method.name][0]), np.finfo(float).tiny)
             found[method.name] = [(ranks, error * scale)
                                   for ranks, error in method.error_curve(layer, spectra, self.budget.multiple)]
         return found
 
 
-def energy(spectrum: ModeSpectrum) -> float:
+def _energy(spectrum: ModeSpectrum) -> float:
     """``Σ_g Σ_i σ_{g,i}²``: the squared Frobenius norm of the mode's unfolding, groups pooled."""
     return float(sum(np.sum(np.square(values)) for values in spectrum.values))
 
