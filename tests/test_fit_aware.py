@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from conftest import make_model, prepared
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model
-from onnx_lowrank import api
+from onnx_lowrank import api, calibrate
 from onnx_lowrank.config import Settings
+from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes import BudgetPass, FitAwareBudgetPass, default_pipeline
 
 
@@ -51,10 +52,6 @@ def test_reallocation_follows_the_curve_the_fit_sees(tmp_path):
 def test_unchanged_inputs_give_the_closed_form_curve(rng):
     """A layer whose inputs the compressed prefix leaves as they were (p~ = p): its measured curve,
     in units of the original output energy, is the closed-form curve of the data spectra."""
-    from conftest import prepared
-    from onnx_lowrank import calibrate
-    from onnx_lowrank.methods import MethodSet
-
     workspace = prepared(linear_chain(rng, layers=1))
     layer = workspace.layers[0]
     methods = MethodSet(workspace.settings)
@@ -71,7 +68,7 @@ def test_unchanged_inputs_give_the_closed_form_curve(rng):
 def test_the_flag_off_leaves_the_pipeline_as_it_was(tmp_path):
     """Off (the default), or on without calibration data, the budget is the plain `BudgetPass`."""
     calib = str(tmp_path / "calib.npz")
-    base = dict(method="auto", target_macs=0.5, calib=calib)
+    base = {"method": "auto", "target_macs": 0.5, "calib": calib}
     assert Settings().fit_aware_budget is False
     off = default_pipeline(Settings(**base))
     assert type(off.passes[off.names.index("allocate")]) is BudgetPass
