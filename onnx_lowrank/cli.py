@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     fitting.add_argument("--no-output-weighting", dest="output_weighting", action="store_false", default=None,
                          help="budgets: weigh every layer's output error alike, not by its effect on the "
                               "model's outputs")
+    fitting.add_argument("--fit-aware-budget", action="store_true", default=None,
+                         help="budgets: fit once at the planned ranks, then plan again on each layer's error "
+                              "curve as the sequential fit sees it (one more fit)")
     fitting.add_argument("--activation-aware", action="store_true", default=None,
                          help="fit layers followed by ReLU, Clip, hard-swish, sigmoid-gated and similar units "
                               "to their response after the activation (Zhang et al. 2016)")

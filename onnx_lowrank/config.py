@@ -49,6 +49,7 @@ class Settings:
     refit: bool = True
     bias_correction: bool = True
     output_weighting: bool = True
+    fit_aware_budget: bool = False
     activation_aware: bool = False
     refine_blocks: bool = False
     augment: int = 0

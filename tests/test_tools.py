@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools"
 SCRIPTS = sorted(p.stem for p in TOOLS.glob("*.py"))
 #: Scripts other modules of tools/ may import: the zoo library, and the one shared case table.
-IMPORTABLE_SCRIPTS = {"fetch_models": "the zoo library", "bench_data_aware": "probe_distillation's case"}
+IMPORTABLE_SCRIPTS = {"fetch_models": "the zoo library", "bench_data_aware": "the probes' cases"}
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from onnx_lowrank.passes.base import (
 from onnx_lowrank.passes.budget import BudgetPass
 from onnx_lowrank.passes.factorize import FactorizePass
 from onnx_lowrank.passes.finish import CountPass, ValidatePass
+from onnx_lowrank.passes.fit_aware import FitAwareBudgetPass
 from onnx_lowrank.passes.guard import GuardPass
 from onnx_lowrank.passes.judge import LatencyJudge
 from onnx_lowrank.passes.pipeline import default_pipeline, inspect_pipeline, rank_policy
@@ -17,7 +18,7 @@ from onnx_lowrank.passes.statistics import DataSpectraPass, OutputGainsPass
 
 __all__ = [
     "ARTIFACTS", "BudgetPass", "CanonicalizePass", "CountPass", "DataSpectraPass", "FactorizePass",
-    "FindLayersPass", "FoldPass", "GuardPass", "LatencyJudge", "LayerDecision", "LayerResult", "LoadInputsPass",
+    "FindLayersPass", "FitAwareBudgetPass", "FoldPass", "GuardPass", "LatencyJudge", "LayerDecision", "LayerResult", "LoadInputsPass",
     "OutputGainsPass", "Pass", "PassResult", "PassTiming", "Pipeline", "RewritePass", "SelectLayersPass", "SharedStatistics",
     "Tracker", "ValidatePass", "Workspace", "default_pipeline", "inspect_pipeline", "plain_tracker",
     "projected_model", "rank_policy", "rewritten_model",

@@ -38,6 +38,10 @@ class BudgetPass(Pass):
     With a latency judge (`--latency-aware`), a MAC or parameter budget is spent only on options
     measured faster than their layer (`_timed`), so rejected chains do not leave the target
     unmet; `--target-latency` spends the measured milliseconds themselves.
+
+    `curves` (``{layer: {method: [(ranks, relative squared error), ...]}}``) replace the curves
+    read off the spectra where given: the fit-aware budget's curves measured after a sequential
+    fit (`with_curves`, `passes.fit_aware`).
     """
 
     name = "allocate"
@@ -45,13 +49,19 @@ class BudgetPass(Pass):
     provides = ("ranks",)
 
     def __init__(self, methods: MethodSet, target: float, measure: str, method_names: Sequence[str],
-                 multiple: int = 16, judge: LatencyJudge | None = None):
+                 multiple: int = 16, judge: LatencyJudge | None = None, curves: dict | None = None):
         self.methods = methods
         self.target = target
         self.measure = measure
         self.method_names = tuple(method_names)
         self.multiple = multiple
         self.judge = judge
+        self.curves = curves or {}
+
+    def with_curves(self, curves: dict) -> BudgetPass:
+        """This budget with `curves` in place of the spectra's curves where given."""
+        return BudgetPass(self.methods, self.target, self.measure, self.method_names, self.multiple, self.judge,
+                          curves)
 
     def run(self, workspace, progress):
         for decision in workspace.candidates:
@@ -101,7 +111,8 @@ class BudgetPass(Pass):
 
     def _options(self, layer: Layer, workspace, gain: float = 1.0) -> alloc.LayerOptions:
         """The layer's options of every method on the rank grid: cost below the dense layer's,
-        error `gain ·` the method's error curve (data spectra when measured, else the weight's).
+        error `gain ·` the method's error curve (`self.curves` where given, else read off the data
+        spectra when measured, else off the weight's).
         The spectra used are recorded in `workspace.curves` for the report's plots."""
         runs = 1 if self.measure == "params" else layer.runs   # the totals count a layer in a Loop per iteration
         dense = layer.params if self.measure == "params" else layer.macs * runs
@@ -112,7 +123,9 @@ class BudgetPass(Pass):
                 continue
             spectra = measured.get(method.name) or method.spectra(layer)
             workspace.curves.setdefault(layer.name, {})[method.name] = spectra[0]
-            for rank_tuple, error in method.error_curve(layer, spectra, self.multiple):
+            curve = self.curves.get(layer.name, {}).get(method.name) or method.error_curve(layer, spectra,
+                                                                                           self.multiple)
+            for rank_tuple, error in curve:
                 macs, params = method.costs(layer, rank_tuple)
                 cost = params if self.measure == "params" else macs * runs
                 if cost < dense:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from onnx_lowrank import calibrate, iterations
 from onnx_lowrank.activation_fit import sample_rows
 from onnx_lowrank.fitting import Plan, fit_layer
+from onnx_lowrank.graph import Layer
 from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.nonlinearity import activations_after
 from onnx_lowrank.passes.base import LayerDecision, Pass, PassResult
@@ -40,7 +41,8 @@ class FactorizePass(Pass):
 
     def __init__(self, methods: MethodSet, method: str, policy, data_aware: bool = False, sequential: bool = True,
                  refit: bool = True, bias_correction: bool = True, jobs: int = 1, judge: LatencyJudge | None = None,
-                 require_savings: bool = True, activation_aware: bool = False):
+                 require_savings: bool = True, activation_aware: bool = False,
+                 observe: Callable[[Layer, list, list], None] | None = None):
         self.methods = methods
         self.method = method
         self.policy = policy
@@ -54,6 +56,7 @@ class FactorizePass(Pass):
         self.judge = judge
         self.require_savings = require_savings
         self.activation_aware = activation_aware
+        self.observe = observe
 
     def run(self, workspace, progress):
         todo = workspace.candidates
@@ -99,6 +102,8 @@ class FactorizePass(Pass):
         pending: list[tuple[LayerDecision, concurrent.futures.Future]] = []
 
         def visit(layer, xs, xts):
+            if self.observe is not None:
+                self.observe(layer, xs, xts)
             decision = by_name.get(layer.name)
             if decision is None:
                 return None

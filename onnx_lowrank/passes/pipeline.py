@@ -10,6 +10,7 @@ from onnx_lowrank.passes.base import Pass, Pipeline
 from onnx_lowrank.passes.budget import BudgetPass
 from onnx_lowrank.passes.factorize import FactorizePass
 from onnx_lowrank.passes.finish import CountPass, ValidatePass
+from onnx_lowrank.passes.fit_aware import FitAwareBudgetPass
 from onnx_lowrank.passes.guard import GuardPass
 from onnx_lowrank.passes.judge import LatencyJudge
 from onnx_lowrank.passes.refine import RefinePass
@@ -44,7 +45,8 @@ def default_pipeline(settings: Settings, shared: SharedStatistics | None = None)
     """The passes `compress` runs for `settings`, in order.
 
     inputs -> canonicalize -> [fold] -> find layers -> select layers -> [data spectra, output
-    gains: with a budget and calibration data] -> [allocate: with a budget] -> factorize ->
+    gains: with a budget and calibration data] -> [allocate: with a budget; fit-aware allocate
+    with --fit-aware-budget and calibration data] -> factorize ->
     [refine: --refine-blocks with calibration data] -> rewrite -> [guard: with a bound] -> count ->
     [validate]. `shared`: the store of inputs, data spectra and gains that runs over the same model
     share (`passes.shared.SharedStatistics`); a private one by default.
@@ -59,6 +61,14 @@ def default_pipeline(settings: Settings, shared: SharedStatistics | None = None)
 
         judge = LatencyJudge(provider, settings.threads, settings.latency_margin, LatencyCache())
     metric = load_metric(settings.metric) if settings.metric else None
+
+    def factorize(judge: LatencyJudge | None, observe=None) -> FactorizePass:
+        """The fit; the fit-aware budget's trial fit is one more, watched, without the judge."""
+        return FactorizePass(methods, settings.method, rank_policy(settings), data_aware=data_aware,
+                             sequential=settings.sequential, refit=settings.refit,
+                             bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge,
+                             activation_aware=settings.activation_aware, observe=observe)
+
     passes: list[Pass] = [
         LoadInputsPass(shared),
         CanonicalizePass(),
@@ -73,11 +83,12 @@ def default_pipeline(settings: Settings, shared: SharedStatistics | None = None)
             passes.append(DataSpectraPass(methods, names, shared))
             if settings.output_weighting:
                 passes.append(OutputGainsPass(shared))
-        passes.append(BudgetPass(methods, target, measure, names, settings.rank_multiple, judge))
-    passes.append(FactorizePass(methods, settings.method, rank_policy(settings), data_aware=data_aware,
-                                sequential=settings.sequential, refit=settings.refit,
-                                bias_correction=settings.bias_correction, jobs=settings.jobs, judge=judge,
-                                activation_aware=settings.activation_aware))
+        budget = BudgetPass(methods, target, measure, names, settings.rank_multiple, judge)
+        if data_aware and settings.fit_aware_budget:
+            budget = FitAwareBudgetPass(budget, lambda observe: factorize(None, observe))
+        passes.append(budget)
+
+    passes.append(factorize(judge))
     if data_aware and settings.refine_blocks:
         passes.append(RefinePass())
     passes.append(RewritePass())
