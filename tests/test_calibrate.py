@@ -307,7 +307,8 @@ def test_vector_count_matches_the_vectors(rng):
         rows = sum(chunk.shape[1] for chunk in calibrate.layer_vectors(layer, x, 7))
         assert calibrate.vector_count(layer, x) == rows
         masks = []  # a chooser's rows are the same vectors as the whole chunks masked
-        chosen = calibrate.layer_vectors(layer, x, 7, choose=lambda n: masks.append(rng.random(n) < 0.5) or masks[-1])
+        chosen = calibrate.layer_vectors(layer, x, 7, choose=lambda n, masks=masks: masks.append(rng.random(n) < 0.5)
+                                         or masks[-1])
         chosen = np.concatenate(list(chosen), axis=1)
         every = np.concatenate(list(calibrate.layer_vectors(layer, x, 7)), axis=1)
         np.testing.assert_array_equal(chosen, every[:, np.concatenate(masks)])

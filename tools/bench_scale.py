@@ -134,37 +134,42 @@ def weight_bytes(path: pathlib.Path) -> int:
 
 
 def case(label: str, model: pathlib.Path, calib: pathlib.Path, count: int, target: float, shapes: list[str],
-         work: pathlib.Path) -> dict:
+         work: pathlib.Path, max_memory: str | None = None) -> dict:
     """One data-aware `compress` in a child; the batch is the pinned shapes' first dimension."""
     settings = {"method": "auto", "target_macs": target, "calib": str(calib), "calib_count": count,
-                "validate": False, "input_shape": shapes}
+                "validate": False, "input_shape": shapes, "max_memory": max_memory}
     log(f"{label}: {model.name}, {count} calibration inputs, target {target}")
     row = compress_in_child(model, work / f"{model.stem}_{count}_{target}.onnx", settings, timeout=TIMEOUT_S)
-    row.update(label=label, model=model.stem, count=count, target=target, weights=weight_bytes(model))
-    log(f"  {row['status']}: {row.get('seconds', 0):.1f} s, peak {row.get('peak_mib', float('nan')):.0f} MiB"
+    row.update(label=label, model=model.stem, count=count, target=target, weights=weight_bytes(model),
+               max_memory=max_memory or "default")
+    log(f"  {row['status']}: {row.get('seconds', 0):.1f} s ({row.get('cpu_seconds', 0):.0f} CPU s), "
+        f"peak {row.get('peak_mib', float('nan')):.0f} MiB"
         + (f" ({row.get('message')})" if row["status"] != "ok" else ""))
     return row
 
 
-def vgg_rows(work: pathlib.Path, size: int, counts: list[int], targets: list[float]) -> list[dict]:
+def vgg_rows(work: pathlib.Path, size: int, counts: list[int], targets: list[float],
+             max_memory: str | None = None) -> list[dict]:
     model = vgg16(work / f"vgg16_{size}.onnx", size)
     rows = []
     for count in counts:
         calib = work / f"vgg_calib_{count}.npz"
         np.savez(calib, input=np.random.default_rng(count).random((count, size, size, 3), dtype=np.float32))
         for target in (targets if count == counts[-1] else targets[:1]):
-            rows.append(case("vgg", model, calib, count, target, [f"input:{VGG_BATCH}x{size}x{size}x3"], work))
+            rows.append(case("vgg", model, calib, count, target, [f"input:{VGG_BATCH}x{size}x{size}x3"], work,
+                             max_memory))
         calib.unlink()
     return rows
 
 
-def transformer_rows(work: pathlib.Path, sizes: list[int], count: int = 8) -> list[dict]:
+def transformer_rows(work: pathlib.Path, sizes: list[int], count: int = 8,
+                     max_memory: str | None = None) -> list[dict]:
     rows = []
     for megabytes in sizes:
         model = encoder(work / f"encoder_{megabytes}mb.onnx", megabytes)
         calib = work / "encoder_calib.npz"
         np.savez(calib, x=np.random.default_rng(1).standard_normal((count, SEQUENCE, HIDDEN)).astype(np.float32))
-        rows.append(case("transformer", model, calib, count, 0.5, [f"x:1x{SEQUENCE}x{HIDDEN}"], work))
+        rows.append(case("transformer", model, calib, count, 0.5, [f"x:1x{SEQUENCE}x{HIDDEN}"], work, max_memory))
         for stale in work.glob(f"encoder_{megabytes}mb*"):
             stale.unlink()
     return rows
@@ -198,15 +203,19 @@ def markdown_text(rows: list[dict], command: str) -> str:
              "Each row is one `compress --method auto --target-macs T --calib ...` (data-aware, sequential, "
              "output-weighted: the defaults; no validation) in a fresh child process. *peak MiB*: the child's "
              "peak resident set (VmHWM), whole process (Python, onnxruntime, the model). *weights MiB*: float32 "
-             "weight bytes of the model. *budget ok*: peak below weights + 2 GiB.", ""]
+             "weight bytes of the model. *max memory*: `--max-memory` (default: half the available memory). "
+             "*CPU s*: CPU time of all the child's threads (on an otherwise idle 2-core machine the wall time is at "
+             "least half of it). *budget ok*: peak below weights + 2 GiB.", ""]
     body = []
     for row in rows:
         weights = row["weights"] / 2**20
         ok = row.get("status") == "ok" and row["peak_mib"] < weights + 2048
-        body.append([row["label"], row["model"], str(row["count"]), f"{row['target']:g}", f"{weights:,.0f}",
-                     _cell(row, "peak_mib", ",.0f"), _cell(row, "seconds", ".1f"), "yes" if ok else "**no**"])
-    lines += table(["sweep", "model", "calib inputs", "target", "weights MiB", "peak MiB", "seconds", "budget ok"],
-                   body, "llrrrrrl")
+        body.append([row["label"], row["model"], str(row["count"]), f"{row['target']:g}",
+                     row.get("max_memory", "default"), f"{weights:,.0f}", _cell(row, "peak_mib", ",.0f"), _cell(row, "seconds", ".1f"),
+                     _cell(row, "cpu_seconds", ".1f"),
+                     "yes" if ok else "**no**"])
+    lines += table(["sweep", "model", "calib inputs", "target", "max memory", "weights MiB", "peak MiB", "seconds",
+                    "CPU s", "budget ok"], body, "llrrlrrrrrl")
     return "\n".join(lines) + "\n"
 
 
@@ -237,14 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformer-mb", default=",".join(map(str, TRANSFORMER_SIZES_MB)))
     parser.add_argument("--out", default=str(REPO / "docs" / "bench_scale.md"))
     parser.add_argument("--keep", help="keep the work folder here")
+    parser.add_argument("--max-memory", help="compress's --max-memory for every case (default: its own default)")
     args = parser.parse_args(argv)
     sweeps = names(args.sweeps)
     rows: list[dict] = []
     with work_folder(args.keep, "olr_scale_") as work:
         if "vgg" in sweeps:
-            rows += vgg_rows(work, args.vgg_size, [int(c) for c in numbers(args.vgg_counts)], numbers(args.vgg_targets))
+            rows += vgg_rows(work, args.vgg_size, [int(c) for c in numbers(args.vgg_counts)], numbers(args.vgg_targets),
+                             args.max_memory)
         if "transformer" in sweeps:
-            rows += transformer_rows(work, [int(m) for m in numbers(args.transformer_mb)])
+            rows += transformer_rows(work, [int(m) for m in numbers(args.transformer_mb)], max_memory=args.max_memory)
         if "zoo" in sweeps:
             rows += zoo_rows(work)
     out = pathlib.Path(args.out)

@@ -46,7 +46,7 @@ def measured_compress(spec: dict) -> dict:
 
     The row: `status` ("ok"; "unreachable" or "input-error" for the tool's `InputError`; "error"
     for anything else, with `traceback`), `message`, `seconds` (wall time of the call),
-    `base_mib` (resident set before), `peak_mib` (peak resident set after), `ru_maxrss_mib`,
+    `cpu_seconds` (CPU time of the process, all its threads), `base_mib` (resident set before), `peak_mib` (peak resident set after), `ru_maxrss_mib`,
     and when it succeeded `timings` (seconds per pass) and the `summary` of the result.
     """
     import resource
@@ -58,7 +58,7 @@ def measured_compress(spec: dict) -> dict:
 
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()})
     row = {"base_mib": status_mib("VmRSS")}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = None
     try:
         result = api.compress(spec["model"], spec["out"], settings)
@@ -66,7 +66,8 @@ def measured_compress(spec: dict) -> dict:
         row.update(status="unreachable" if "unreachable" in str(exc) else "input-error", message=str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug to report
         row.update(status="error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-    row.update(seconds=time.perf_counter() - start, peak_mib=status_mib("VmHWM"),
+    row.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
+               peak_mib=status_mib("VmHWM"),
                ru_maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # KiB on Linux
     if result is not None:
         timings: dict[str, float] = {}
