@@ -247,7 +247,7 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
             if reference is None:
                 reference = _final_outputs(suffix, state, outputs, provider, budget)
             perturbed = dict(state)
-            bases = (truncation.discarded_directions(layer, (_signal(layer, y) for y in state[name]))
+            bases = (truncation.kept_directions(layer, (_signal(layer, y) for y in state[name]))
                      if noise == "truncation" else None)
             batches, sizes = zip(*(_perturbed(y, _signal(layer, y), relative_noise, rng) if bases is None else
                                    _shifted(y, _signal(layer, y), relative_noise, layer, bases) for y in state[name]))

@@ -21,10 +21,12 @@ import numpy as np
 
 from onnx_lowrank.graph import Layer
 
-__all__ = ["discarded_directions", "representative_rank", "truncation_error"]
+__all__ = ["kept_directions", "representative_rank", "truncation_error"]
 
 #: The truncation that stands for all ranks: the one keeping this fraction of a channel SVD's MACs.
 KEPT_MACS = 0.5
+#: Channels per group up to which `kept_directions` reads the output's ``T x T`` second moments.
+DENSE_CHANNELS = 2048
 #: Below this fraction of the output's energy in the discarded directions there is nothing to perturb.
 NEGLIGIBLE = 1e-12
 
@@ -58,38 +60,45 @@ def _vectors(layer: Layer, signal: np.ndarray) -> np.ndarray:
     return np.swapaxes(flat, 0, 1)
 
 
-def discarded_directions(layer: Layer, signals: Iterable[np.ndarray]) -> list[np.ndarray] | None:
-    """Per group, an orthonormal basis ``U⊥`` (``[T/g, T/g - r]``) of the directions the layer's
-    rank-r truncation discards: the trailing eigenvectors of the output second moments
-    ``Σ yyᵀ`` over all `signals` (outputs without bias), ``r = representative_rank``.
+def kept_directions(layer: Layer, signals: Iterable[np.ndarray]) -> list[np.ndarray] | None:
+    """Per group, an orthonormal basis ``U_r`` (``[T/g, r]``) of the directions the layer's rank-r
+    truncation keeps: the leading eigenvectors of the output second moments ``Σ yyᵀ`` over all
+    `signals` (outputs without bias), ``r = representative_rank``. Up to `DENSE_CHANNELS`
+    channels per group from the ``T x T`` moments; past that (a head over thousands of classes,
+    seen by few vectors) from the SVD of the stacked vectors, ``n x T``.
 
     None when nothing would be discarded: one channel per group (a depthwise conv), or less than
     `NEGLIGIBLE` of the output's energy past rank r.
     """
-    moments = None
+    moments, stacked = 0.0, []
     for signal in signals:
         vectors = _vectors(layer, signal)
-        product = np.einsum("gni,gnj->gij", vectors, vectors)
-        moments = product if moments is None else moments + product
-    if moments is None or moments.shape[-1] < 2:
+        if vectors.shape[-1] <= DENSE_CHANNELS:
+            moments = moments + np.einsum("gni,gnj->gij", vectors, vectors)
+        else:
+            stacked.append(vectors)
+    if stacked:
+        _, singular, rows = np.linalg.svd(np.concatenate(stacked, axis=1), full_matrices=False)
+        values, bases = singular ** 2, np.swapaxes(rows, 1, 2)
+    elif isinstance(moments, np.ndarray):
+        values, bases = np.linalg.eigh(moments)
+        values, bases = values[:, ::-1].clip(0), bases[:, :, ::-1]
+    else:
         return None
-    rank = representative_rank(layer, moments.shape[-1])
-    if rank >= moments.shape[-1]:
+    channels = bases.shape[1]
+    rank = representative_rank(layer, channels)
+    discarded = float(values.sum() - values[:, :rank].sum())
+    if channels < 2 or rank >= channels or discarded <= NEGLIGIBLE * max(float(values.sum()), 1e-300):
         return None
-    values, bases = np.linalg.eigh(moments)                  # ascending
-    trailing = moments.shape[-1] - rank
-    discarded = float(values[:, :trailing].clip(0).sum())
-    if discarded <= NEGLIGIBLE * max(float(values.clip(0).sum()), 1e-300):
-        return None
-    return [basis[:, :trailing] for basis in bases]
+    return [basis[:, :rank] for basis in bases]
 
 
 def truncation_error(layer: Layer, signal: np.ndarray, bases: list[np.ndarray]) -> np.ndarray:
-    """``P⊥ y = U⊥ U⊥ᵀ y`` for each channel vector of `signal` (the output without bias), per
-    group, shaped like `signal` (float64)."""
-    axis, groups, _ = _channels(layer)
+    """``P⊥ y = y - U_r U_rᵀ y`` for each channel vector of `signal` (the output without bias),
+    per group, shaped like `signal` (float64)."""
+    axis = _channels(layer)[0]
     vectors = _vectors(layer, signal)
-    projected = np.stack([v @ b @ b.T for v, b in zip(vectors, bases, strict=True)])
+    dropped = np.stack([v - (v @ b) @ b.T for v, b in zip(vectors, bases, strict=True)])
     shape = list(signal.shape)
     shape.append(shape.pop(axis))
-    return np.moveaxis(np.swapaxes(projected, 0, 1).reshape(shape), -1, axis)
+    return np.moveaxis(np.swapaxes(dropped, 0, 1).reshape(shape), -1, axis)

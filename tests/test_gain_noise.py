@@ -64,15 +64,18 @@ def test_truncation_gain_predicts_a_truncated_layer_where_white_noise_does_not(r
     assert shaped * truncated(model, feeds, 2)[1] == pytest.approx(1.0, rel=1e-3)
 
 
-def test_truncation_error_is_the_outputs_part_past_the_rank_per_group(rng):
-    # A grouped conv's output: each group's channels get their own trailing directions; the
-    # error is orthogonal to what the truncation keeps and holds the dropped energy.
+@pytest.mark.parametrize("dense", [2048, 2])
+def test_truncation_error_is_the_outputs_part_past_the_rank_per_group(rng, monkeypatch, dense):
+    # A grouped conv's output: each group's channels get their own leading directions, from the
+    # channels' second moments or (past `DENSE_CHANNELS`) from the SVD of the stacked vectors;
+    # the error is the output less its projection on them.
+    monkeypatch.setattr(truncation, "DENSE_CHANNELS", dense)
     workspace = prepared(_grouped_conv(rng))
     layer = workspace.layers[0]
     signal = rng.standard_normal((2, 8, 5, 5)) * np.array([9, 3, 1, 0.1, 7, 2, 1, 0.5])[None, :, None, None]
-    bases = truncation.discarded_directions(layer, [signal])
+    bases = truncation.kept_directions(layer, [signal])
     rank = truncation.representative_rank(layer, 4)
-    assert [b.shape for b in bases] == [(4, 4 - rank)] * 2
+    assert [b.shape for b in bases] == [(4, rank)] * 2
     error = truncation.truncation_error(layer, signal, bases)
     assert error.shape == signal.shape
     for group in range(2):
