@@ -74,7 +74,7 @@ def kept_directions(layer: Layer, signals: Iterable[np.ndarray]) -> list[np.ndar
     for signal in signals:
         vectors = _vectors(layer, signal)
         if vectors.shape[-1] <= DENSE_CHANNELS:
-            moments = moments + np.einsum("gni,gnj->gij", vectors, vectors)
+            moments = moments + np.swapaxes(vectors, 1, 2) @ vectors
         else:
             stacked.append(vectors)
     if stacked:
