@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_lowrank import truncation
 from onnx_lowrank.activations import ActivationBudget, Batches
 from onnx_lowrank.costs import conv_output_shape
 from onnx_lowrank.factorize import moments, patches
@@ -204,7 +205,7 @@ def walk_layers(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence
 def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence[Feed],
                  relative_noise: float = 0.05, seed: int = 0, provider: str = "cpu",
                  progress: Callable[[Iterable, int, str], Iterable] | None = None,
-                 activation_limit: int | None = None) -> dict[str, float]:
+                 activation_limit: int | None = None, noise: str = "white") -> dict[str, float]:
     """How strongly a relative error at each layer's output reaches the model's outputs.
 
     For layer l with output ``y = Wx`` (bias excluded), Gaussian noise ``δ`` of relative size
@@ -214,7 +215,11 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
         g_l = mean over batches and float outputs of (‖Δout‖² / ‖out‖²) / ε²
 
     is the layer's gain: to first order, a factorization whose relative squared output error is
-    ``e_l`` costs the model ``g_l · e_l`` of relative squared output error. An output computed by a
+    ``e_l`` costs the model ``g_l · e_l`` of relative squared output error. `noise` "white" draws
+    ``δ`` i.i.d.; "truncation" takes ``δ ∝ P⊥ y``, the error of the layer's data-aware truncation
+    at a representative rank (`truncation`; white where it would discard nothing), so the gain
+    measures how the rest of the model carries the directions a factorization actually drops.
+    An output computed by a
     final squashing activation (`SQUASHING`) is measured before it: a saturated softmax or sigmoid
     hides small perturbations, not the errors of a deep cut. One walk over the original model;
     each layer's suffix then runs once on the perturbed copy (about half a forward pass per layer).
@@ -242,11 +247,14 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
             if reference is None:
                 reference = _final_outputs(suffix, state, outputs, provider, budget)
             perturbed = dict(state)
-            batches, noise = zip(*(_perturbed(y, _signal(layer, y), relative_noise, rng) for y in state[name]))
+            bases = (truncation.kept_directions(layer, (_signal(layer, y) for y in state[name]))
+                     if noise == "truncation" else None)
+            batches, sizes = zip(*(_perturbed(y, _signal(layer, y), relative_noise, rng) if bases is None else
+                                   _shifted(y, _signal(layer, y), relative_noise, layer, bases) for y in state[name]))
             perturbed[name] = budget.batches(batches)
             changed = _final_outputs(suffix, perturbed, outputs, provider, budget)
             ratios = [np.sum((c - r) ** 2) / max(np.sum(r ** 2), 1e-30) / e ** 2
-                      for out in reference for r, c, e in zip(reference[out], changed[out], noise, strict=True)
+                      for out in reference for r, c, e in zip(reference[out], changed[out], sizes, strict=True)
                       if e > 0]
             if ratios:
                 gains[layer.name] = float(np.mean(ratios))
@@ -333,6 +341,16 @@ def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.rando
         out[begin:stop] = flat[begin:stop] + scale * rng.standard_normal(stop - begin)
     rng.bit_generator.state = end_state
     return out.reshape(y.shape), relative if energy > 0 else 0.0
+
+
+def _shifted(y: np.ndarray, signal: np.ndarray, relative: float, layer: Layer, bases: list[np.ndarray]):
+    """`y` plus its truncation error ``P⊥ signal`` (`truncation.truncation_error`) scaled to norm
+    `relative·‖signal‖`, and the relative size realised (0 where the batch has no such error)."""
+    error = truncation.truncation_error(layer, signal, bases)
+    size = np.linalg.norm(error)
+    if size == 0 or not np.any(signal):
+        return y, 0.0
+    return (y + error * (relative * np.linalg.norm(signal) / size)).astype(y.dtype), relative
 
 
 class _Suffix:

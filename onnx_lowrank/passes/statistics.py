@@ -87,7 +87,8 @@ class DataSpectraPass(Pass):
 class OutputGainsPass(Pass):
     """Measure how strongly each candidate layer's output error reaches the model's outputs.
 
-    `calibrate.output_gains` perturbs each layer's output by relative noise on a few calibration
+    `calibrate.output_gains` perturbs each layer's output by relative noise (white, or shaped like
+    its truncation error: `Settings.gain_noise`) on a few calibration
     batches and measures the relative change of the model's outputs; the budget allocator then
     weighs each layer's error curve by that gain, so layers near a head (or feeding a sensitive
     branch) are cut less than layers whose errors the rest of the model damps.
@@ -104,7 +105,8 @@ class OutputGainsPass(Pass):
     def run(self, workspace, progress):
         view = workspace.view(workspace.calibration)
         todo = [d.layer for d in workspace.candidates if view.holds(d.layer.subgraph)]
-        key = (statistics_key(workspace.settings), tuple(layer_key(layer) for layer in todo))
+        key = (statistics_key(workspace.settings), workspace.settings.gain_noise,
+               tuple(layer_key(layer) for layer in todo))
         reused = key in self.shared.gains
         if not reused:
             start = time.perf_counter()
@@ -128,7 +130,8 @@ class OutputGainsPass(Pass):
         freedom = calibrate.output_freedom(model, shapes)
         feeds, samples = _first_samples(workspace.calibration, gain_samples(freedom))
         gains = calibrate.output_gains(model, todo, feeds, progress=progress,
-                                       activation_limit=workspace.memory.activations)
+                                       activation_limit=workspace.memory.activations,
+                                       noise=workspace.settings.gain_noise)
         return gains, samples
 
 
