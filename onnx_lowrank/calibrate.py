@@ -218,10 +218,9 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
     ``e_l`` costs the model ``g_l · e_l`` of relative squared output error. `noise` "white" draws
     ``δ`` i.i.d.; "truncation" takes ``δ ∝ P⊥ y``, the error of the layer's data-aware truncation
     at a representative rank (`truncation`; white where it would discard nothing), so the gain
-    measures how the rest of the model carries the directions a factorization actually drops.
-    An output computed by a
-    final squashing activation (`SQUASHING`) is measured before it: a saturated softmax or sigmoid
-    hides small perturbations, not the errors of a deep cut. One walk over the original model;
+    measures how the rest of the model carries the directions a factorization actually drops. An
+    output computed by a final squashing activation (`SQUASHING`) is measured before it: a saturated
+    softmax or sigmoid hides small perturbations, not the errors of a deep cut. One walk over the original model;
     each layer's suffix then runs once on the perturbed copy (about half a forward pass per layer).
     """
     outputs = measured_outputs(model)
