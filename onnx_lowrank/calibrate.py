@@ -470,8 +470,7 @@ def layer_moments(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.ndarr
     accumulated = moments.Moments() if capacity is None else moments.SampleMoments(capacity)
     target = min(rows, vectors) if capacity is None else min(rows, capacity)
     keep = min(1.0, target / vectors) if capacity is None or capacity >= vectors else 0.95 * target / vectors
-    sampled = _sampled_vectors(layer, xs, xts, keep, np.random.default_rng(zlib.crc32(layer.name.encode())))
-    for p, pt in _gathered(sampled, MOMENT_ROWS):
+    for p, pt in _sampled_vectors(layer, xs, xts, keep, np.random.default_rng(zlib.crc32(layer.name.encode()))):
         if capacity is not None:
             p, pt = p[:, :accumulated.room], None if pt is None else pt[:, :accumulated.room]
         accumulated.add(p, pt)
@@ -513,28 +512,6 @@ def _sampled_vectors(layer: Layer, xs: Sequence[np.ndarray], xts: Sequence[np.nd
             chunks = zip(originals, layer_vectors(layer, xts[index], MOMENT_ROWS, replay if subset else None),
                          strict=True)
         yield from chunks
-
-
-def _gathered(chunks, rows: int):
-    """The chunks ``(p, p~)`` joined along the vectors into chunks of at least `rows` vectors (the
-    last one fewer): a small random subset of each chunk makes many small products otherwise."""
-    held: list[tuple[np.ndarray, np.ndarray | None]] = []
-    count = 0
-    for p, pt in chunks:
-        held.append((p, pt))
-        count += p.shape[1]
-        if count >= rows:
-            yield _joined(held)
-            held, count = [], 0
-    if held:
-        yield _joined(held)
-
-
-def _joined(held: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
-    if len(held) == 1:
-        return held[0]
-    ps, pts = zip(*held, strict=True)
-    return np.concatenate(ps, axis=1), None if pts[0] is None else np.concatenate(pts, axis=1)
 
 
 def statistics_form(layer: Layer, vectors: int, paired: bool, budget: MemoryBudget | None,
