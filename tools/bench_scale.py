@@ -215,7 +215,7 @@ def markdown_text(rows: list[dict], command: str) -> str:
                      _cell(row, "cpu_seconds", ".1f"),
                      "yes" if ok else "**no**"])
     lines += table(["sweep", "model", "calib inputs", "target", "max memory", "weights MiB", "peak MiB", "seconds",
-                    "CPU s", "budget ok"], body, "llrrlrrrrrl")
+                    "CPU s", "budget ok"], body, "llrrlrrrrl")
     return "\n".join(lines) + "\n"
 
 
