@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 
 from onnx_lowrank import branches, inputs, scopes
-from onnx_lowrank.graph import LAYER_OPS, Layer, find_layers, infer_shapes
+from onnx_lowrank.graph import LAYER_OPS, Layer, find_layers
+from onnx_lowrank.shapes import infer_shapes
 from onnx_lowrank.pins import describe_values, with_values, without_pinned
 
 __all__ = ["Discovery", "discover"]
@@ -43,7 +44,7 @@ def discover(model: onnx.ModelProto, pinned: Mapping, values: Mapping[str, np.nd
              seed: int = 0) -> Discovery:
     """Infer shapes (in every body where a view reaches it) and find the layers with their costs.
 
-    Without control flow this is `graph.infer_shapes` then `graph.find_layers`, nothing more.
+    Without control flow this is `shapes.infer_shapes` then `graph.find_layers`, nothing more.
     """
     if not scopes.has_control_flow(model):
         shapes = infer_shapes(model, pinned, need=need, seed=seed, values=values)

@@ -36,7 +36,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank.graph import onnx_opset, without_weights
+from onnx_lowrank.graph import onnx_opset
+from onnx_lowrank.shapes import without_weights
 from onnx_lowrank.model import adopt_model_fields
 from onnx_lowrank.rewrite.chain import zero_subnormals
 
@@ -131,7 +132,7 @@ def _import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
 
     The inferred value_info and typed outputs are put into `model` only while it is imported and
     then restored: `model` ends as it was, and no copy of its weights is made (inference reads
-    `graph.without_weights`).
+    `shapes.without_weights`).
     """
     graph = model.graph
     saved = onnx.GraphProto()

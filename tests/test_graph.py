@@ -198,7 +198,7 @@ def test_bundled_digits_model_totals():
 
 
 def test_shape_inference_reads_a_copy_without_the_weights():
-    from onnx_lowrank.graph import INFERENCE_WEIGHT_BYTES, infer_shapes, without_weights
+    from onnx_lowrank.shapes import INFERENCE_WEIGHT_BYTES, infer_shapes, without_weights
 
     weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")              # 8 KiB: left out
     shape = numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "shape")         # kept: a value inference reads
@@ -214,7 +214,7 @@ def test_shape_inference_reads_a_copy_without_the_weights():
 
 
 def test_shapes_inference_cannot_resolve_are_read_off_a_run_of_the_model_with_its_weights():
-    from onnx_lowrank.graph import infer_shapes
+    from onnx_lowrank.shapes import infer_shapes
 
     weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")              # over INFERENCE_WEIGHT_BYTES
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("NonZero", ["h"], ["nz"])]

@@ -49,7 +49,8 @@ def test_sizes_parse_and_refuse_nonsense():
 
 def test_fewer_vectors_than_dimensions_are_kept_as_vectors_even_where_dense_moments_fit():
     from onnx_lowrank.calibrate import statistics_form
-    from onnx_lowrank.graph import find_layers, infer_shapes
+    from onnx_lowrank.graph import find_layers
+    from onnx_lowrank.shapes import infer_shapes
 
     model = dense_head_model(3000)
     wide, narrow = find_layers(model, infer_shapes(model))

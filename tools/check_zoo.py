@@ -52,7 +52,8 @@ from fetch_models import fetch, load_zoo
 
 from onnx_lowrank import api, compare, factorize
 from onnx_lowrank.config import Settings
-from onnx_lowrank.graph import canonicalize, find_layers, infer_shapes
+from onnx_lowrank.graph import canonicalize, find_layers
+from onnx_lowrank.shapes import infer_shapes
 from onnx_lowrank.methods import MethodSet, method_names
 from onnx_lowrank.model import load_model
 from onnx_lowrank.passes import (

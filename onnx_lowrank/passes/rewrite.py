@@ -12,7 +12,8 @@ from onnx import numpy_helper
 from onnx_lowrank import __version__
 from onnx_lowrank.config import Settings
 from onnx_lowrank.fitting import chain_kernel
-from onnx_lowrank.graph import iter_graphs, without_weights
+from onnx_lowrank.graph import iter_graphs
+from onnx_lowrank.shapes import without_weights
 from onnx_lowrank.model import adopt_model_fields
 from onnx_lowrank.passes.base import Pass, PassResult, Workspace
 from onnx_lowrank.rewrite.chain import apply_chain
@@ -99,7 +100,7 @@ def _passes_checker(model: onnx.ModelProto) -> bool:
     """Whether the ONNX checker accepts `model`; some exporters' output does not pass it.
 
     Both checks read the model without its large main-graph initializers (typed graph inputs
-    instead, `graph.without_weights`): the checker serialises what it checks, and a copy of the
+    instead, `shapes.without_weights`): the checker serialises what it checks, and a copy of the
     weights (twice: bytes, then the checker's own) only to check the graph costs more memory
     than the rest of the run.
     """

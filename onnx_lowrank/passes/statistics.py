@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from onnx_lowrank import calibrate
-from onnx_lowrank.graph import infer_shapes
+from onnx_lowrank.shapes import infer_shapes
 from onnx_lowrank.methods import MethodSet
 from onnx_lowrank.passes.base import Pass, PassResult
 from onnx_lowrank.passes.shared import SharedStatistics, layer_key, statistics_key
