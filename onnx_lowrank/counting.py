@@ -22,8 +22,8 @@ import onnx
 
 from onnx_lowrank import branches, inputs, scopes
 from onnx_lowrank.graph import LAYER_OPS, Layer, find_layers
-from onnx_lowrank.shapes import infer_shapes
 from onnx_lowrank.pins import describe_values, with_values, without_pinned
+from onnx_lowrank.shapes import infer_shapes
 
 __all__ = ["Discovery", "discover"]
 

@@ -37,9 +37,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lowrank.graph import onnx_opset
-from onnx_lowrank.shapes import without_weights
 from onnx_lowrank.model import adopt_model_fields
 from onnx_lowrank.rewrite.chain import zero_subnormals
+from onnx_lowrank.shapes import without_weights
 
 __all__ = ["FoldCounts", "fold_elementwise"]
 
