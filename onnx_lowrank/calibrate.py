@@ -249,7 +249,8 @@ def output_gains(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequenc
             bases = (truncation.kept_directions(layer, (_signal(layer, y) for y in state[name]))
                      if noise == "truncation" else None)
             batches, sizes = zip(*(_perturbed(y, _signal(layer, y), relative_noise, rng) if bases is None else
-                                   _shifted(y, _signal(layer, y), relative_noise, layer, bases) for y in state[name]))
+                                   truncation.shifted(y, _signal(layer, y), relative_noise, layer, bases)
+                                   for y in state[name]))
             perturbed[name] = budget.batches(batches)
             changed = _final_outputs(suffix, perturbed, outputs, provider, budget)
             ratios = [np.sum((c - r) ** 2) / max(np.sum(r ** 2), 1e-30) / e ** 2
@@ -340,16 +341,6 @@ def _perturbed(y: np.ndarray, signal: np.ndarray, relative: float, rng: np.rando
         out[begin:stop] = flat[begin:stop] + scale * rng.standard_normal(stop - begin)
     rng.bit_generator.state = end_state
     return out.reshape(y.shape), relative if energy > 0 else 0.0
-
-
-def _shifted(y: np.ndarray, signal: np.ndarray, relative: float, layer: Layer, bases: list[np.ndarray]):
-    """`y` plus its truncation error ``P⊥ signal`` (`truncation.truncation_error`) scaled to norm
-    `relative·‖signal‖`, and the relative size realised (0 where the batch has no such error)."""
-    error = truncation.truncation_error(layer, signal, bases)
-    size = np.linalg.norm(error)
-    if size == 0 or not np.any(signal):
-        return y, 0.0
-    return (y + error * (relative * np.linalg.norm(signal) / size)).astype(y.dtype), relative
 
 
 class _Suffix:

@@ -21,7 +21,7 @@ import numpy as np
 
 from onnx_lowrank.graph import Layer
 
-__all__ = ["kept_directions", "representative_rank", "truncation_error"]
+__all__ = ["kept_directions", "representative_rank", "shifted", "truncation_error"]
 
 #: The truncation that stands for all ranks: the one keeping this fraction of a channel SVD's MACs.
 KEPT_MACS = 0.5
@@ -102,3 +102,13 @@ def truncation_error(layer: Layer, signal: np.ndarray, bases: list[np.ndarray]) 
     shape = list(signal.shape)
     shape.append(shape.pop(axis))
     return np.moveaxis(np.swapaxes(dropped, 0, 1).reshape(shape), -1, axis)
+
+
+def shifted(y: np.ndarray, signal: np.ndarray, relative: float, layer: Layer, bases: list[np.ndarray]):
+    """`y` plus its truncation error ``P⊥ signal`` (`truncation_error`) scaled to norm
+    `relative·‖signal‖`, and the relative size realised (0 where the batch has no such error)."""
+    error = truncation_error(layer, signal, bases)
+    size = np.linalg.norm(error)
+    if size == 0 or not np.any(signal):
+        return y, 0.0
+    return (y + error * (relative * np.linalg.norm(signal) / size)).astype(y.dtype), relative
