@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -19,8 +18,9 @@ from google.protobuf.message import DecodeError
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.files import atomic_write_pieces
 from onnx_lowrank.runtime import runtime_max_ir_version
+from onnx_lowrank.serialize import all_tensors, copy_field, save_with_external_data, serialized_pieces
 
-__all__ = ["adopt_model_fields", "load_model", "save_model", "serialized_pieces"]
+__all__ = ["adopt_model_fields", "load_model", "save_model"]
 
 log = logging.getLogger(__name__)
 
@@ -70,82 +70,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> pathlib.Path:
     ir_version = min(model.ir_version or onnx.IR_VERSION, runtime_max_ir_version())
     external = _tensor_bytes(model.graph) > EXTERNAL_DATA_THRESHOLD
     if external:
-        to_write = onnx.ModelProto()
-        to_write.CopyFrom(model)  # the conversion to external data rewrites the tensors in place
-        to_write.ir_version = ir_version
         with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as staging:
             staged = pathlib.Path(staging) / path.name
-            data_name = f"{path.name}.data"
-            onnx.save_model(to_write, str(staged), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(pathlib.Path(staging) / data_name, folder / data_name)
+            data = save_with_external_data(model, staged, ir_version)
+            os.replace(data, folder / data.name)
             os.replace(staged, path)
     else:
         atomic_write_pieces(path, serialized_pieces(model, ir_version))
     log.info("saved %s (IR %d, external data: %s)", path, ir_version, external)
     return path
-
-
-def serialized_pieces(model: onnx.ModelProto, ir_version: int) -> Iterator[bytes]:
-    """The bytes of `model.SerializeToString()` with `ir_version` set, in pieces: no copy of the
-    model and no bytes of the whole model are ever held, one graph element at a time.
-
-    Protobuf writes a message's fields in field-number order, a repeated message field as one
-    ``key · length · element`` record per element, and a nested message as ``key · length ·
-    its fields``; the pieces follow that encoding, so their concatenation is byte-identical.
-    """
-    graph_field = model.DESCRIPTOR.fields_by_name["graph"].number
-    before, after = onnx.ModelProto(), onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.number != graph_field:
-            _copy_field(before if field.number < graph_field else after, field, value)
-    before.ir_version = ir_version
-    yield before.SerializeToString()
-    if model.HasField("graph"):
-        records = list(_field_records(model.graph))
-        yield _key(graph_field) + _varint(sum(size for size, _ in records))
-        for _, record in records:
-            yield record()
-    yield after.SerializeToString()
-
-
-def _field_records(message) -> Iterator[tuple[int, Callable[[], bytes]]]:
-    """Each field of `message` (each element of a repeated message field) as (encoded size,
-    a function that encodes it), in field-number order."""
-    for field, value in message.ListFields():
-        if hasattr(value, "add"):             # a repeated message field
-            head = _key(field.number)
-            for element in value:
-                size = element.ByteSize()
-                yield (len(head) + len(_varint(size)) + size,
-                       lambda head=head, element=element, size=size: head + _varint(size) + element.SerializeToString())
-        else:
-            alone = type(message)()
-            _copy_field(alone, field, value)
-            encoded = alone.SerializeToString()
-            yield len(encoded), lambda encoded=encoded: encoded
-
-
-def _copy_field(target, field, value) -> None:
-    if hasattr(value, "extend"):          # a repeated field
-        getattr(target, field.name).extend(value)
-    elif hasattr(value, "CopyFrom"):      # a message
-        getattr(target, field.name).CopyFrom(value)
-    else:
-        setattr(target, field.name, value)
-
-
-def _key(number: int) -> bytes:
-    return _varint(number << 3 | 2)   # wire type 2: length-delimited
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def adopt_model_fields(target: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
@@ -161,28 +94,16 @@ def adopt_model_fields(target: onnx.ModelProto, source: onnx.ModelProto) -> onnx
             target.ClearField(field.name)
     for field, value in source.ListFields():
         if field.name != "graph":
-            _copy_field(target, field, value)
+            copy_field(target, field, value)
     return target
 
 
 def _uses_external_data(graph: onnx.GraphProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(graph))
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(graph))
 
 
 def _tensor_bytes(graph: onnx.GraphProto) -> int:
-    return sum(t.ByteSize() for t in _all_tensors(graph))
-
-
-def _all_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
+    return sum(t.ByteSize() for t in all_tensors(graph))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -38,6 +38,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnx_lowrank.errors import InputError, InternalError
+from onnx_lowrank.serialize import save_with_external_data, serialized_pieces
 
 __all__ = [
     "CONV_ALGO_SEARCHES", "CPU", "CUDA", "ENV_CACHE", "PROVIDERS", "TENSORRT", "ModelLike",
@@ -444,7 +445,8 @@ def make_session(model: ModelLike | Session, provider: str | ProviderChoice = "a
     Args:
         model: a ``ModelProto``, a path (external data is found next to it), serialised bytes,
             an ``InferenceSession`` (wrapped) or a `Session` (returned as is). A ``ModelProto``
-            of 2 GiB or more is written with external data to a temporary folder and loaded by path.
+            of 2 GiB or more is written with external data to a temporary folder and loaded by
+            path (`serialize.save_with_external_data`: the model itself is left as it is).
         provider: ``auto|cuda|tensorrt|cpu`` or a `ProviderChoice`.
         threads: intra-op threads (``None``: onnxruntime's default).
         produced: True when the tool produced the model (its failures are `InternalError`),
@@ -476,13 +478,13 @@ def make_session(model: ModelLike | Session, provider: str | ProviderChoice = "a
         return Session(_load(source, options, execution_providers(choice, timing), name, produced), name, produced)
 
     if isinstance(model, onnx.ModelProto):
-        model = _lowered(model, runtime_max_ir_version())
+        ir_version = min(model.ir_version, runtime_max_ir_version())
         if model.ByteSize() >= _PROTO_LIMIT:
             with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+                save_with_external_data(model, path, ir_version)
                 return load(path)
-        return load(model.SerializeToString())
+        return load(b"".join(serialized_pieces(model, ir_version)))
     if isinstance(model, bytes):
         return load(model)
     if not os.path.isfile(model):

@@ -83,27 +83,3 @@ def test_failed_save_leaves_no_file(tmp_path, rng, monkeypatch):
     with pytest.raises(OSError):
         model_io.save_model(original, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_saved_bytes_are_the_serialized_model_written_piece_by_piece(tmp_path, rng):
-    """`save_model` never copies or serialises the whole model at once, and writes exactly the
-    bytes `SerializeToString` gives: nodes, initializers, a subgraph, functions, metadata."""
-    then = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["y"], ["z"])], "then", [],
-                                  [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)])
-    model = conv_model((1, 3, 8, 8), rng.standard_normal((4, 3, 3, 3)), doc_string="a conv")
-    model.graph.node.append(onnx.helper.make_node("If", ["flag"], ["w"], then_branch=then, else_branch=then))
-    model.graph.input.append(onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, []))
-    model.graph.doc_string = "graph doc"
-    model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(108).astype(np.float32), "V"))
-    model.functions.append(onnx.helper.make_function("custom", "F", ["a"], ["b"],
-                                                     [onnx.helper.make_node("Relu", ["a"], ["b"])],
-                                                     [onnx.helper.make_opsetid("", 13)]))
-    onnx.helper.set_model_props(model, {"author": "test"})
-    expected = onnx.ModelProto()
-    expected.CopyFrom(model)
-    expected.ir_version = 7
-    pieces = list(model_io.serialized_pieces(model, 7))
-    assert b"".join(pieces) == expected.SerializeToString()
-    assert max(map(len, pieces)) < model.ByteSize() / 2
-    path = model_io.save_model(model, tmp_path / "m.onnx")
-    assert onnx.load(str(path)).ir_version == min(model.ir_version, runtime_max_ir_version())
