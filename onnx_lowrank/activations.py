@@ -5,20 +5,29 @@ and calibration set those arrays outgrow memory (ResNet-50's first stage at 256 
 is 0.8 GB per tensor), so `ActivationBudget` keeps arrays in memory while the arrays it kept and
 that are still alive fit the budget, and writes the rest to a temporary folder, read back one
 batch at a time. Accounting follows the arrays' lifetimes (weak references), so dropping a
-tensor's batches frees its share of the budget and deletes its files.
+tensor's batches frees its share of the budget and deletes its files. The folder is under the
+system's temporary folder (``TMPDIR``); an array the disk there cannot take ends the run with a
+one-line `InputError` saying how much was needed, before anything is written.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import tempfile
 import weakref
 from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["ActivationBudget", "Batches"]
+from onnx_lowrank.errors import InputError
+from onnx_lowrank.memory import format_bytes
+
+__all__ = ["ActivationBudget", "Batches", "DISK_MARGIN"]
+
+#: Disk space left free when spilling: other files and processes need some too.
+DISK_MARGIN = 256 << 20
 
 
 class _OnDisk:
@@ -52,6 +61,7 @@ class ActivationBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.held = 0
+        self.spilled = 0
         self._folder: tempfile.TemporaryDirectory | None = None
         self._count = 0
 
@@ -64,9 +74,17 @@ class ActivationBudget:
             return value
         if self._folder is None:
             self._folder = tempfile.TemporaryDirectory(prefix="onnx-lowrank-activations-")
-        path = pathlib.Path(self._folder.name) / f"{self._count}.npy"
+        folder = pathlib.Path(self._folder.name)
+        free = shutil.disk_usage(folder).free
+        if value.nbytes + DISK_MARGIN > free:
+            raise InputError(f"calibration activations past the memory budget are kept on disk in {folder.parent}, "
+                             f"which has {format_bytes(free)} free, too little for the next "
+                             f"{format_bytes(value.nbytes)} (spilled so far: {format_bytes(self.spilled)}); "
+                             "free space there, set TMPDIR to a larger disk, or lower --calib-count")
+        path = folder / f"{self._count}.npy"
         self._count += 1
         np.save(path, value)
+        self.spilled += value.nbytes
         return _OnDisk(path, value.dtype)
 
     def batches(self, values) -> Batches:

@@ -7,12 +7,15 @@ Exit codes: 0 success; 1 the result failed a bound the user asked for; 2 bad inp
 from __future__ import annotations
 
 import argparse
-import faulthandler
+import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -199,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        return {"inspect": _inspect, "compress": _compress, "validate": _validate, "sweep": sweep_cli.run}[args.command](
-            args, console)
+        with _terminations_unwind():
+            return {"inspect": _inspect, "compress": _compress, "validate": _validate,
+                    "sweep": sweep_cli.run}[args.command](args, console)
     except InputError as exc:
         errors.print(f"onnx-lowrank: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
@@ -216,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("onnx-lowrank: interrupted", markup=False)
         return 130
+    except Terminated as exc:
+        errors.print(f"onnx-lowrank: stopped by {signal.Signals(exc.signum).name}", markup=False)
+        return 128 + exc.signum
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback under --debug
         if debug:
             raise
@@ -224,6 +231,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "(rerun with --debug for the traceback)", markup=False, highlight=False,
                      soft_wrap=True)
         return 3
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised where the run is, so that its cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminations_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` instead of ending the process on the spot, so a
+    stopped run still deletes its temporary files (activations spilled to disk can take tens of
+    GB) and leaves no half-written output. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _inspect(args, console: Console) -> int:

@@ -222,7 +222,7 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain | Ver
                                                          dtype=node.outputs[0].dtype)
     prefix = f"{node.name}/lowrank"
     if chain.bias is not None:
-        bias = gs.Constant(f"{prefix}/bias", np.ascontiguousarray(chain.bias.astype(layer.weight.dtype)))
+        bias = gs.Constant(f"{prefix}/bias", np.ascontiguousarray(chain.bias, dtype=layer.weight.dtype))
     else:
         bias = node.inputs[2] if len(node.inputs) > 2 and layer.bias_name else None
     dtype = layer.weight.dtype
@@ -234,7 +234,7 @@ def apply_chain(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Chain | Ver
         if isinstance(stage, ShuffleStage):
             built.extend(_shuffle_nodes(tag, current, result, stage))
         elif isinstance(stage, ConvStage):
-            weight = gs.Constant(f"{tag}_weight", np.ascontiguousarray(stage.weight.astype(dtype)))
+            weight = gs.Constant(f"{tag}_weight", np.ascontiguousarray(stage.weight, dtype=dtype))
             inputs = [current, weight] + ([bias] if last and bias is not None else [])
             op = "ConvTranspose" if stage.transpose else "Conv"
             built.append(gs.Node(op, f"{tag}_{op}", _conv_geometry(stage, layer), inputs, [result]))
@@ -264,7 +264,7 @@ def _apply_versatile(graph: gs.Graph, node: gs.Node, layer: Layer, chain: Versat
 
 
 def _product_node(tag, current, result, stage: MatMulStage, layer: Layer, last: bool, bias, dtype):
-    weight = gs.Constant(f"{tag}_weight", np.ascontiguousarray(stage.weight.astype(dtype)))
+    weight = gs.Constant(f"{tag}_weight", np.ascontiguousarray(stage.weight, dtype=dtype))
     if layer.op == "MatMul":
         inputs = [current, weight] if stage.side == "right" else [weight, current]
         return gs.Node("MatMul", f"{tag}_MatMul", {}, inputs, [result])
