@@ -38,7 +38,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnx_lowrank.errors import InputError, InternalError
-from onnx_lowrank.serialize import save_with_external_data, serialized_pieces
+from onnx_lowrank.serialize import save_with_external_data
 
 __all__ = [
     "CONV_ALGO_SEARCHES", "CPU", "CUDA", "ENV_CACHE", "PROVIDERS", "TENSORRT", "ModelLike",
@@ -478,13 +478,12 @@ def make_session(model: ModelLike | Session, provider: str | ProviderChoice = "a
         return Session(_load(source, options, execution_providers(choice, timing), name, produced), name, produced)
 
     if isinstance(model, onnx.ModelProto):
-        ir_version = min(model.ir_version, runtime_max_ir_version())
         if model.ByteSize() >= _PROTO_LIMIT:
             with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                save_with_external_data(model, path, ir_version)
+                save_with_external_data(model, path, min(model.ir_version, runtime_max_ir_version()))
                 return load(path)
-        return load(b"".join(serialized_pieces(model, ir_version)))
+        return load(_lowered(model, runtime_max_ir_version()).SerializeToString())
     if isinstance(model, bytes):
         return load(model)
     if not os.path.isfile(model):
