@@ -98,6 +98,7 @@ def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
+            yield from attr.tensors
             if attr.HasField("g"):
                 yield from all_tensors(attr.g)
             for sub in attr.graphs:

@@ -116,3 +116,11 @@ def test_every_tensor_at_or_over_the_threshold_moves_and_no_other(tmp_path, rng,
     for got, want in zip(serialize.all_tensors(written.graph), serialize.all_tensors(model.graph)):
         moved = got.data_location == TensorProto.EXTERNAL
         assert moved == (len(want.raw_data) >= threshold), want.name
+
+
+def test_all_tensors_include_an_attributes_tensor_list(rng):
+    listed = [numpy_helper.from_array(rng.standard_normal(300).astype(np.float32), f"t{i}") for i in range(2)]
+    node = helper.make_node("Custom", ["x"], ["y"], domain="custom", values=listed)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    assert [t.name for t in serialize.all_tensors(graph)] == ["t0", "t1"]
